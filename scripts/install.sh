@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install morphfuse and every pinned dependency into .venv at the repository root (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.morphfuse-installed
+want="$(cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+# pip warns about every local index folder it does not find; keep the log readable.
+pipq() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pipq -r requirements.txt
+pipq --no-deps -r requirements-nodeps.txt
+pipq --no-deps -e .
+echo "$want" > "$stamp"

@@ -1,0 +1,57 @@
+"""Shared fixtures: paths to the demo photos (read-only) and a folder of deliberately bad inputs."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = (REPO / ".." / "shared" / "data" / "faces").resolve()
+LONDON_512 = FACES / "london_512"
+
+
+def london(n: int = 4, folder: str = "neutral_front") -> list[Path]:
+    """The first ``n`` demo photos of a folder (read-only: copy before writing anywhere near them)."""
+    return sorted((LONDON_512 / folder).glob("*.jpg"))[:n]
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    """One file per kind of bad or awkward input the pipeline must handle (issue 2's list)."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    src = london(1)[0]
+    good = np.asarray(Image.open(src).convert("RGB"))
+    out: dict[str, Path] = {}
+
+    jpeg = src.read_bytes()
+    p = d / "corrupt.jpg"  # header intact, entropy-coded data overwritten
+    b = bytearray(jpeg)
+    b[len(b) // 3: len(b) // 3 + 4000] = bytes(4000)
+    b = b[: len(b) // 2]
+    p.write_bytes(bytes(b)); out["corrupt_jpeg"] = p
+
+    buf = io.BytesIO(); Image.fromarray(good).save(buf, format="PNG")
+    p = d / "truncated.png"; p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2]); out["truncated_png"] = p
+    p = d / "empty.jpg"; p.write_bytes(b""); out["zero_byte"] = p
+    p = d / "text.jpg"; p.write_text("this is not an image\n"); out["text_as_jpg"] = p
+
+    p = d / "gray.png"; Image.fromarray(good[..., 0]).save(p); out["grayscale"] = p
+    p = d / "deep16.png"
+    Image.fromarray((good[..., 1].astype(np.uint16) * 257)).save(p); out["png16"] = p
+    p = d / "rgba.png"
+    Image.fromarray(np.dstack([good, np.full(good.shape[:2], 128, np.uint8)])).save(p); out["rgba"] = p
+    p = d / "cmyk.jpg"; Image.fromarray(good).convert("CMYK").save(p, quality=95); out["cmyk"] = p
+    p = d / "bomb.png"
+    Image.new("L", (9500, 9500)).save(p, optimize=False, compress_level=1); out["bomb"] = p
+
+    # EXIF orientation 6 = "rotate 90° clockwise to view": stored landscape-wise, shown as the original portrait.
+    p = d / "exif_rotated.jpg"
+    stored = Image.fromarray(good).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif(); exif[274] = 6
+    stored.save(p, exif=exif, quality=95); out["exif_rotated"] = p
+    shutil.copy(src, d / "good.jpg"); out["good"] = d / "good.jpg"
+    return out

@@ -1,0 +1,60 @@
+# fused masks -> per-shard per-image counts -> ablation tables, ROC/PR, qualitative panels
+
+EV = config["evaluate"]
+CONVENTION = (f"--averaging {EV.get('averaging', 'per_image')} --images {EV.get('images', 'fake_only')}"
+              f" --iou {EV.get('iou', 'foreground')} --empty {EV.get('empty', 'skip')}"
+              f" --threshold {EV.get('threshold', 0.5)}")
+
+
+def _scores_for(variant):
+    # Detection comes from LFDL (the paper); the `mitl` row scores images from its own mask.
+    return "mitl" if variant == "mitl" else "lfdl"
+
+
+rule evaluate:
+    input:
+        shard=R("manifest/shards/{shard}.parquet"),
+        masks=R("fuse/{variant}/{shard}/masks"),
+        scores=lambda wc: R("predict", _scores_for(wc.variant), wc.shard, "scores.csv"),
+    output:
+        counts=R("evaluate/{variant}/{shard}.parquet"),
+        ledger=R("ledger/evaluate/{variant}_{shard}.csv"),
+    params:
+        convention=CONVENTION,
+        split=EVAL_SPLIT,
+        code=code_hash("evaluate.py", "metrics.py", "imageio.py"),
+    log:
+        R("logs/evaluate/{variant}_{shard}.log"),
+    shell:
+        "{MF} evaluate --manifest {input.shard} --pred-masks {input.masks} --scores {input.scores}"
+        " --out-counts {output.counts} --variant {wildcards.variant} --split {params.split}"
+        " --ledger {output.ledger} {params.convention} > {log} 2>&1"
+
+
+def _all_ledgers(wildcards):
+    shards = shard_ids()
+    out = [R("ledger/index/index.csv")]
+    out += [R("ledger/forge", f"{m}_{k}.csv") for m in config["forge"]["methods"] for k in forge_shard_ids()]
+    out += [R("ledger", st, f"{s}.csv") for st in ("faces", "features_lfdl", "features_mitl") for s in shards]
+    return out
+
+
+rule tables:
+    input:
+        counts=lambda wc: [R("evaluate", v, f"{s}.parquet") for v in config["fusion"]["variants"] for s in eval_shards()],
+        ledgers=_all_ledgers,
+        manifest=R("manifest/manifest.parquet"),
+    output:
+        table_md=R("tables/ablation.md"),
+        table_csv=R("tables/ablation.csv"),
+    params:
+        out=R("tables"),
+        bootstrap=EV.get("bootstrap", 1000),
+        panels=EV.get("panels", 6),
+        convention=CONVENTION,
+        code=code_hash("tables.py", "plots.py", "metrics.py"),
+    log:
+        R("logs/tables.log"),
+    shell:
+        "{MF} tables --counts {input.counts} --ledgers {input.ledgers} --out {params.out}"
+        " --bootstrap {params.bootstrap} {params.convention} > {log} 2>&1"
