@@ -11,7 +11,8 @@ demo: install  ## install, run the whole DAG on config.yaml, then build the HTML
 	.venv/bin/snakemake --cores $(CORES)
 	.venv/bin/snakemake --cores $(CORES) --report results/demo/report.html
 
-test: install  ## install, then run the test suite (starts and stops its own services)
+test: install  ## install, then run the test suite (it starts and stops its own SLURM cluster)
+	bash scripts/install_slurm.sh
 	bash scripts/run_tests.sh
 
 clean:
