@@ -1,0 +1,295 @@
+"""``morphfuse forge``: forgeries with exact masks from one shard of real images; import; contact sheets.
+
+  morphfuse forge <method> --index INDEX.parquet --shard K --shard-size N --out DIR [--seed S] [--per-real 1]
+                  [--min-face-size PX] [--forehead | --no-forehead] [--ledger CSV] [--config config.yaml]
+      method: sbi | random_combination | paste_random | sd_inpaint | diffusion_inversion
+      Takes the real rows (label 0) of the index sorted by image_id, slice [K*N, (K+1)*N); detects faces
+      (config faces.backend, dlib by default); writes DIR/images/{id}.png, DIR/masks/{id}.png (0/255),
+      DIR/rows.parquet (manifest rows) and DIR/ledger.csv (inputs that could not be forged, one line each).
+      Forgery id: {method}__{target image_id}__{k}, k < per_real. Donors of random_combination/paste_random
+      come from the whole index: same split, other identity.
+  morphfuse forge import --root DIR --out ROWS.parquet [--methods M ...] [--split S] [--ledger CSV]
+      Rows for external generator outputs <root>/<method>/{fake,mask|masks}/ (forge/importer.py).
+  morphfuse forge sheet --rows ROWS.parquet ... --out SHEET.png [--index INDEX.parquet] [--max-rows 6]
+      A contact sheet (fake | mask overlay | source) with the photos' attribution.
+
+Same seed and index give the same bytes (fakes are PNG, lossless).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+from ..imageio import BadImageError, read_image, write_parquet, write_png
+from ..ledger import Ledger
+from .common import DonorPool, ForgeResult, Skip, check_faces, forge_image_id, rng_for
+
+log = logging.getLogger(__name__)
+
+# method -> (module, factory); imported only when used (diffusion pulls in torch/diffusers).
+FACTORIES: dict[str, tuple[str, str]] = {
+    "sbi": ("morphfuse.forge.sbi", "make_sbi"),
+    "random_combination": ("morphfuse.forge.random_combination", "make_random_combination"),
+    "paste_random": ("morphfuse.forge.random_combination", "make_paste_random"),
+    "sd_inpaint": ("morphfuse.forge.diffusion", "make_sd_inpaint"),
+    "diffusion_inversion": ("morphfuse.forge.diffusion", "make_diffusion_inversion"),
+}
+ROW_COLUMNS = ["image_id", "root", "path", "label", "mask_path", "source", "method", "group", "source_groups",
+               "source_ids", "split", "width", "height"]
+INDEX_COLUMNS = ("image_id", "root", "path", "label", "group", "split")
+STAGE = "forge"
+
+
+def make_generator(method: str, options: Mapping):
+    if method not in FACTORIES:
+        raise UserError(f"unknown forgery method {method!r}; expected one of {', '.join(FACTORIES)}")
+    module, factory = FACTORIES[method]
+    return getattr(importlib.import_module(module), factory)(dict(options))
+
+
+def shard_rows(index: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame:
+    """Real rows (label 0) sorted by image_id, slice [shard*shard_size, (shard+1)*shard_size)."""
+    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        raise UserError(f"the index lacks the column(s) {', '.join(missing)}; expected manifest columns (ARCHITECTURE.md)")
+    if shard < 0 or shard_size <= 0:
+        raise UserError(f"--shard must be >= 0 and --shard-size > 0, got {shard} and {shard_size}")
+    reals = index[index["label"].astype(int) == 0].sort_values("image_id", kind="stable")
+    return reals.iloc[shard * shard_size:(shard + 1) * shard_size].reset_index(drop=True)
+
+
+class _FaceCache:
+    """Detections by image_id, so that a target used again as a donor is not detected twice."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.faces: dict[str, list] = {}
+
+    def detect(self, image_id: str, rgb: np.ndarray) -> list:
+        if image_id not in self.faces:
+            self.faces[image_id] = list(self.backend.detect(rgb))
+        return self.faces[image_id]
+
+
+def _abs_path(row: Mapping) -> Path:
+    return Path(str(row["root"])) / str(row["path"])
+
+
+def forge_shard(index: pd.DataFrame, method: str, shard: int, shard_size: int, out: str | Path, *, seed: int = 0,
+                per_real: int = 1, min_face_size: float = 0, options: Mapping | None = None, backend=None,
+                generator=None, ledger_path: str | Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, Ledger]:
+    """Forge one shard; writes images/, masks/, rows.parquet and the ledger under ``out``; returns (rows, ledger).
+
+    ``backend`` is a face backend (``.detect(rgb) -> list[Face]``; default: dlib); ``generator`` overrides the
+    method's factory (tests). Bad inputs go to the ledger; an exception inside the generator is recorded too,
+    unless every forgery of the shard failed that way (a bug, not a bad input), which is re-raised.
+    """
+    out = Path(out).resolve()
+    options = dict(options or {})
+    options.setdefault("min_face_size", min_face_size)
+    min_face_size = float(options["min_face_size"] or 0)
+    if per_real < 1:
+        raise UserError(f"--per-real must be >= 1, got {per_real}")
+    gen = generator if generator is not None else make_generator(method, options)
+    if backend is None:
+        from ..faces.backends import get_backend
+        backend = get_backend("dlib")
+    faces_of = _FaceCache(backend)
+    ledger = Ledger(STAGE)
+    targets = shard_rows(index, shard, shard_size)
+    needs_landmarks = getattr(gen, "needs_landmarks", True)
+
+    pool = None
+    if getattr(gen, "needs_donors", False):
+        def load(row):
+            try:
+                rgb = read_image(_abs_path(row))
+            except BadImageError as e:
+                return f"unreadable: {e.reason}"
+            try:
+                return rgb, faces_of.detect(str(row["image_id"]), rgb)
+            except Exception as e:  # noqa: BLE001 - a detector failure is a property of this input
+                return f"face detection failed: {type(e).__name__}: {e}"
+        pool = DonorPool(index, load)
+
+    rows: list[dict] = []
+    n_errors = n_attempts = 0
+    last_error: BaseException | None = None
+    it = targets.iterrows()
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, total=len(targets), desc=f"forge {method} shard {shard}", unit="img", file=sys.stderr,
+                  mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    t0 = time.perf_counter()
+    for _, target in it:
+        tid, src = str(target["image_id"]), _abs_path(target)
+        try:
+            rgb = read_image(src)
+        except BadImageError as e:
+            ledger.add(tid, src, f"unreadable: {e.reason}")
+            continue
+        try:
+            faces = faces_of.detect(tid, rgb)
+        except Exception as e:  # noqa: BLE001
+            ledger.add(tid, src, f"face detection failed: {type(e).__name__}: {e}")
+            continue
+        reason = check_faces(faces, min_face_size, need_landmarks=needs_landmarks)
+        if reason:
+            ledger.add(tid, src, reason)
+            continue
+        for k in range(per_real):
+            fid = forge_image_id(method, tid, k)
+            rng = rng_for(seed, method, tid, k)
+            n_attempts += 1
+            try:
+                res = gen(target, rgb, faces, rng, options, donors=pool)
+                if isinstance(res, ForgeResult):
+                    res.validate(rgb.shape[:2])
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s: %s failed on %s", fid, method, src, exc_info=True)
+                ledger.add(fid, src, f"{method} failed: {type(e).__name__}: {e}")
+                n_errors, last_error = n_errors + 1, e
+                continue
+            if isinstance(res, Skip):
+                ledger.add(fid, src, res.reason)
+                continue
+            if not res.mask.any():
+                ledger.add(fid, src, f"{method} produced an empty mask")
+                continue
+            h, w = rgb.shape[:2]
+            write_png(out / "images" / f"{fid}.png", res.fake_rgb)
+            write_png(out / "masks" / f"{fid}.png", res.mask.astype(np.uint8) * 255)
+            rows.append({"image_id": fid, "root": str(out), "path": f"images/{fid}.png", "label": 1,
+                         "mask_path": f"masks/{fid}.png", "source": "forge", "method": res.method,
+                         "group": str(target["group"]), "source_groups": "|".join(res.source_groups),
+                         "source_ids": "|".join(res.source_ids), "split": str(target["split"]),
+                         "width": int(w), "height": int(h)})
+    if pool is not None:
+        for image_id, path, reason in pool.failures:
+            ledger.add(image_id, path, f"unusable as a donor: {reason}")
+    if n_errors and n_errors == n_attempts:
+        raise last_error  # every forgery of the shard raised: a bug, not bad inputs
+    df = pd.DataFrame(rows, columns=ROW_COLUMNS).astype({"label": "int64", "width": "int64", "height": "int64"})
+    write_parquet(out / "rows.parquet", df)
+    ledger.write(Path(ledger_path) if ledger_path else out / "ledger.csv")
+    log.info("forge %s shard %d: %d forgeries from %d reals, %d ledger lines, %.1f s", method, shard, len(df),
+             len(targets), len(ledger), time.perf_counter() - t0)
+    return df, ledger
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def _parse_shard(s: str) -> int:
+    m = re.fullmatch(r"s?(\d+)", str(s))
+    if not m:
+        raise argparse.ArgumentTypeError(f"shard must be an integer or sNNNNN, got {s!r}")
+    return int(m.group(1))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="forge_command", metavar="<method> | import | sheet")
+    sub.required = True
+    for method in FACTORIES:
+        p = sub.add_parser(method, help=f"forge one shard with {method}")
+        p.add_argument("--index", required=True, help="index parquet (manifest columns; real rows have label 0)")
+        p.add_argument("--shard", type=_parse_shard, required=True, help="shard number K (or sK, e.g. s00003)")
+        p.add_argument("--shard-size", type=int, default=None, help="reals per shard (default: config shard_size)")
+        p.add_argument("--out", required=True, help="output folder: images/, masks/, rows.parquet, ledger.csv")
+        p.add_argument("--seed", type=int, default=None, help="seed (default: config seed, else 0)")
+        p.add_argument("--per-real", type=int, default=None, help="forgeries per real image (default: config, else 1)")
+        p.add_argument("--min-face-size", type=float, default=None,
+                       help="px; smaller largest faces go to the ledger (default: config forge.min_face_size, else 0)")
+        p.add_argument("--forehead", action=argparse.BooleanOptionalAction, default=None,
+                       help="extend the landmark hull over the forehead (default: the method's config)")
+        p.add_argument("--ledger", default=None, help="ledger CSV (default: OUT/ledger.csv)")
+        p.add_argument("--config", default=None, help="config.yaml: forge.<method> options, faces.backend, seed")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("import", help="manifest rows for external generator outputs <root>/<method>/{fake,mask}")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True, help="rows parquet")
+    p.add_argument("--methods", nargs="*", default=None, help="method folders (default: every one with fake/)")
+    p.add_argument("--split", default="", help="split of the imported rows (default empty: the index decides)")
+    p.add_argument("--nonbinary-tolerance", type=float, default=0.01,
+                   help="fraction of mask pixels neither 0 nor 255 above which a warning is recorded")
+    p.add_argument("--ledger", default=None, help="ledger CSV (default: beside --out, ledger.csv)")
+    p = sub.add_parser("sheet", help="contact sheet PNG: fake | mask overlay | source, with attribution")
+    p.add_argument("--rows", nargs="+", required=True, help="rows.parquet file(s) of forge or import")
+    p.add_argument("--out", required=True, help="PNG")
+    p.add_argument("--index", default=None, help="index parquet, to show the source images")
+    p.add_argument("--max-rows", type=int, default=6)
+    p.add_argument("--tile", type=int, default=256, help="tile height in px")
+
+
+def _load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config {p} does not exist")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def _backend_from_config(cfg: Mapping):
+    """The face backend of the config's ``faces:`` block (dlib by default), with the options it accepts."""
+    from ..faces.backends import backend_options, get_backend
+
+    faces_cfg = dict(cfg.get("faces") or {})
+    name = faces_cfg.get("backend", "dlib")
+    allowed = backend_options(name)
+    opts = {k: v for k, v in faces_cfg.items() if k in allowed and not isinstance(v, dict)}
+    opts.update({k: v for k, v in dict(faces_cfg.get(name) or {}).items() if k in allowed})  # e.g. face_alignment:
+    return get_backend(name, **opts)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.forge_command == "import":
+        from .importer import import_generated
+
+        ledger = Ledger("forge_import")
+        df = import_generated(args.root, args.methods or None, split=args.split, ledger=ledger,
+                              nonbinary_tolerance=args.nonbinary_tolerance, progress=True)
+        write_parquet(args.out, df)
+        ledger.write(args.ledger or Path(args.out).with_name("ledger.csv"))
+        log.info("imported %d fakes, %d ledger lines", len(df), len(ledger))
+        return 0
+    if args.forge_command == "sheet":
+        from .contact_sheet import contact_sheet
+
+        rows = pd.concat([pd.read_parquet(p) for p in args.rows], ignore_index=True)
+        index = pd.read_parquet(args.index) if args.index else None
+        contact_sheet(rows, args.out, index=index, max_rows=args.max_rows, tile=args.tile)
+        return 0
+
+    method = args.forge_command
+    cfg = _load_config(args.config)
+    forge_cfg = dict(cfg.get("forge") or {})
+    options = dict(forge_cfg.get(method) or {})
+    if args.forehead is not None:
+        options["forehead"] = args.forehead
+    if args.min_face_size is not None:
+        options["min_face_size"] = args.min_face_size
+    options.setdefault("min_face_size", forge_cfg.get("min_face_size", 0))
+    shard_size = args.shard_size or cfg.get("shard_size")
+    if not shard_size:
+        raise UserError("--shard-size is required (or shard_size in --config)")
+    index_path = Path(args.index)
+    if not index_path.is_file():
+        raise UserError(f"index {index_path} does not exist (run `morphfuse index` first)")
+    index = pd.read_parquet(index_path)
+    seed = args.seed if args.seed is not None else int(cfg.get("seed", 0))
+    per_real = args.per_real if args.per_real is not None else int(forge_cfg.get("per_real", 1))
+    forge_shard(index, method, args.shard, int(shard_size), args.out, seed=seed, per_real=per_real,
+                options=options, backend=_backend_from_config(cfg), ledger_path=args.ledger,
+                progress=not args.no_progress)
+    return 0
