@@ -1,0 +1,119 @@
+"""Figures of the evaluation: ROC and precision-recall curves, and qualitative panels (as the paper's Figure 3).
+
+Pure plotting functions: they take arrays and write one PNG each (atomically, matplotlib's Agg backend, no
+display needed). `morphfuse tables` gathers the data and calls them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .imageio import atomic_path  # noqa: E402
+from .metrics import average_precision, pr_curve, roc_auc, roc_curve  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+def roc_figure(score_sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+               title: str = "ROC") -> None:
+    """One ROC curve per named ``(labels, scores)`` set, AUC in the legend; one-class sets are listed as such."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="0.8", lw=1, ls="--")
+    for name, (labels, scores) in score_sets.items():
+        auc, reason = roc_auc(labels, scores)
+        if auc is None:
+            ax.plot([], [], label=f"{name}: AUC undefined (one class)")
+            continue
+        fpr, tpr = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name}: AUC {auc:.4f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def pr_figure(score_sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+              title: str = "Precision-recall") -> None:
+    """One precision-recall curve per named ``(labels, scores)`` set (fake is the positive class), AP in the legend."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (labels, scores) in score_sets.items():
+        ap = average_precision(labels, scores)
+        if ap is None:
+            ax.plot([], [], label=f"{name}: AP undefined (no fake)")
+            continue
+        recall, precision = pr_curve(labels, scores)
+        ax.step(recall, precision, where="post", lw=1.5, label=f"{name}: AP {ap:.4f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+@dataclass
+class PanelRow:
+    """One image of a qualitative panel. Masks are bool (binarised) or ``None`` when the file was missing;
+    ``notes`` are short texts shown under the tiles, by column name (e.g. per-image F1)."""
+
+    image_id: str
+    image: np.ndarray | None
+    gt: np.ndarray | None
+    lfdl: np.ndarray | None
+    mitl: np.ndarray | None
+    fused: np.ndarray | None
+    label: str = ""
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+PANEL_COLUMNS = ("image", "ground truth", "LFDL", "MITL", "fused")
+
+
+def _thumb(arr: np.ndarray | None, max_side: int, mask: bool) -> np.ndarray | None:
+    if arr is None:
+        return None
+    a = arr.astype(np.uint8) * 255 if arr.dtype == bool else arr
+    h, w = a.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    if s < 1.0:
+        a = cv2.resize(a, (max(1, round(w * s)), max(1, round(h * s))),
+                       interpolation=cv2.INTER_NEAREST if mask else cv2.INTER_AREA)
+    return a
+
+
+def qualitative_panel(rows: list[PanelRow], path: str | os.PathLike, fused_name: str = "fused",
+                      max_side: int = 256) -> None:
+    """A grid, one image per row: image | ground truth | LFDL | MITL | fused (binary masks, white = manipulated)."""
+    if not rows:
+        raise ValueError("qualitative_panel needs at least one row")
+    cols = PANEL_COLUMNS[:-1] + (fused_name,)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.5 * len(rows)), squeeze=False)
+    for i, r in enumerate(rows):
+        tiles = (r.image, r.gt, r.lfdl, r.mitl, r.fused)
+        for j, (name, tile) in enumerate(zip(cols, tiles)):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            t = _thumb(tile, max_side, mask=j > 0)
+            if t is None:
+                ax.set_facecolor("0.85")
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            else:
+                ax.imshow(t, cmap=None if t.ndim == 3 else "gray", vmin=0, vmax=255, interpolation="nearest")
+            if i == 0:
+                ax.set_title(name, fontsize=10)
+            note = r.notes.get(name if j < 4 else "fused")
+            if note:
+                ax.set_xlabel(note, fontsize=8)
+        axes[i, 0].set_ylabel(f"{r.image_id}\n{r.label}".strip(), fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
