@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -168,15 +169,26 @@ class _AtomicPath:
         return False
 
 
-def write_png(path: str | os.PathLike, arr: np.ndarray, compress_level: int = 1) -> None:
-    """Write a uint8 array (H×W or H×W×3) as PNG, atomically. Low compression: masks are written often."""
+def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """Write a uint8 array (H×W or H×W×3 RGB) as PNG, atomically.
+
+    zlib level 1 with the UP row filter: masks are written and re-read many times per run, and this measured
+    faster to encode and to decode than Pillow's level 1 (benchmarks/bench_fuse_eval.py).
+    """
     arr = np.asarray(arr)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8:
         raise TypeError(f"write_png expects uint8 or bool, got {arr.dtype} for {path}")
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=compress_level)
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr, _PNG_PARAMS)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:

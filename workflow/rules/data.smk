@@ -26,7 +26,9 @@ rule forge:
         shard=lambda wc: int(wc.fshard),
         options=lambda wc: config["forge"].get(wc.method, {}),
         per_real=config["forge"]["per_real"],
-        min_face=config["forge"].get("min_face_size", 0),
+        # The authors' minimum face size does not apply to random combination (FORGERIES.md).
+        min_face=lambda wc: 0 if wc.method in ("random_combination", "paste_random")
+        else config["forge"].get("min_face_size", 0),
         seed=config["seed"],
         code=code_hash("forge", "faces/backends.py", "faces/landmarks.py", "imageio.py"),
     log:
@@ -34,7 +36,7 @@ rule forge:
     shell:
         "{MF} forge {wildcards.method} --index {input.idx} --shard {params.shard} --shard-size {SHARD_SIZE}"
         " --out {params.out} --seed {params.seed} --per-real {params.per_real} --min-face-size {params.min_face}"
-        " --config {CONFIG} --ledger {output.ledger} > {log} 2>&1"
+        " --config {CONFIG} --ledger {output.ledger} --no-progress > {log} 2>&1"
 
 
 def forged_rows(wildcards):

@@ -22,13 +22,13 @@ rule evaluate:
     params:
         convention=CONVENTION,
         split=EVAL_SPLIT,
-        code=code_hash("evaluate.py", "metrics.py", "imageio.py"),
+        code=code_hash("evaluate.py", "metrics.py", "fusion.py", "imageio.py"),
     log:
         R("logs/evaluate/{variant}_{shard}.log"),
     shell:
         "{MF} evaluate --manifest {input.shard} --pred-masks {input.masks} --scores {input.scores}"
         " --out-counts {output.counts} --variant {wildcards.variant} --split {params.split}"
-        " --ledger {output.ledger} {params.convention} > {log} 2>&1"
+        " --ledger {output.ledger} --allow-errors {params.convention} > {log} 2>&1"
 
 
 def _all_ledgers(wildcards):
@@ -36,6 +36,8 @@ def _all_ledgers(wildcards):
     out = [R("ledger/index/index.csv")]
     out += [R("ledger/forge", f"{m}_{k}.csv") for m in config["forge"]["methods"] for k in forge_shard_ids()]
     out += [R("ledger", st, f"{s}.csv") for st in ("faces", "features_lfdl", "features_mitl") for s in shards]
+    out += [R("ledger", st, f"{v}_{s}.csv") for st in ("fuse", "evaluate")
+            for v in config["fusion"]["variants"] for s in eval_shards()]
     return out
 
 
@@ -47,14 +49,21 @@ rule tables:
     output:
         table_md=R("tables/ablation.md"),
         table_csv=R("tables/ablation.csv"),
+        figures=directory(R("figures")),
     params:
         out=R("tables"),
+        fused=R("fuse", "mdmf" if "mdmf" in config["fusion"]["variants"] else config["fusion"]["variants"][-1]),
         bootstrap=EV.get("bootstrap", 1000),
         panels=EV.get("panels", 6),
+        seed=config["seed"],
+        lfdl=R("predict/lfdl"),
+        mitl=R("predict/mitl"),
         convention=CONVENTION,
         code=code_hash("tables.py", "plots.py", "metrics.py"),
     log:
         R("logs/tables.log"),
     shell:
         "{MF} tables --counts {input.counts} --ledgers {input.ledgers} --out {params.out}"
-        " --bootstrap {params.bootstrap} {params.convention} > {log} 2>&1"
+        " --figures {output.figures} --bootstrap {params.bootstrap} --seed {params.seed} {params.convention}"
+        " --panels {params.panels} --manifest {input.manifest} --lfdl-masks {params.lfdl}"
+        " --mitl-masks {params.mitl} --fused-masks {params.fused} > {log} 2>&1"

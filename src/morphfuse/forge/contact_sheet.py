@@ -123,5 +123,5 @@ def contact_sheet(rows: pd.DataFrame, out: str | os.PathLike, index: pd.DataFram
     for i, line in enumerate(wrap):
         d.text((6, y + 5 + 14 * i), line, fill=(40, 40, 40), font=small)
     out = Path(out)
-    write_png(out, np.asarray(sheet), compress_level=6)
+    write_png(out, np.asarray(sheet))
     return out
