@@ -1,0 +1,749 @@
+"""One training engine for LFDL and MITL: DDP-ready, checkpointed, and exactly resumable on CPU.
+
+The model follows the protocol of docs/CONTRACTS.md (``forward(batch)``, ``loss(out, batch)``,
+``predict_proba(batch)``); the engine knows nothing else about it. The recipe comes from the model's block of
+``config.yaml`` (``lfdl.train`` / ``mitl.train``):
+
+- LFDL (release): Adam (β 0.9/0.999), L2 weight decay except biases and 1-D parameters, StepLR (``step_size``
+  epochs, ``gamma``), mixup with probability ``mixup`` and λ ~ Beta(1, 1) (the loss is λ·L(targets) +
+  (1−λ)·L(permuted targets), the release's ``mixup_criterion``: images, labels and masks move together).
+- MITL (release): AdamW, weight decay except biases and norms (all 1-D parameters), linear warm-up over
+  ``warmup_epochs`` then half-cosine to ``min_lr``, per optimizer step.
+Both: joint augmentation (``augment.py``), gradient accumulation (``accumulate`` micro-batches per optimizer
+step), bf16 autocast on CUDA only, DDP under torchrun (gloo on CPU, NCCL on CUDA; rank 0 writes).
+
+Exact resume: the data order of an epoch is ``DistributedSampler(seed, epoch)``'s and every sample's augmentation
+(and every micro-batch's mixup draw) is seeded by its position, so nothing about the data needs to be replayed; a
+checkpoint (every ``checkpoint_every`` optimizer steps, at each epoch end, when ``--max-steps`` stops the run and
+when SIGTERM / SIGUSR1 asks it to stop) stores the weights, optimizer, scheduler, step / epoch / micro-batches
+done, the epoch's data order, and every rank's torch, CUDA, numpy and python RNG states (dropout and any other
+global randomness). A CPU run interrupted and resumed therefore ends with bitwise the same weights as an
+uninterrupted one (on CUDA, as far as its kernels are deterministic).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, default_collate
+
+from ..errors import UserError
+from ..imageio import write_csv
+from . import checkpoint as ckpt
+from .data import FeatureDataset, batches_of, epoch_order, eval_batches, feature_paths, fingerprint, load_splits
+
+log = logging.getLogger("morphfuse.train")
+
+MODELS = ("lfdl", "mitl")
+# Signals that ask for a checkpoint and a clean stop at the next optimizer step (SLURM sends SIGTERM before a
+# time-limit kill, and SIGUSR1 when a job asks for it with --signal).
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class TrainingInterrupted(UserError):
+    """A stop signal arrived; a checkpoint was written and the run can be resumed."""
+# Keys of a model block that are not network options (everything else is passed to the model builder; the same
+# set as morphfuse.models.NON_MODEL_KEYS).
+NON_OPTIONS = ("train", "size", "gpus", "paper")
+
+
+# --------------------------------------------------------------------------------------------- settings
+@dataclass
+class Settings:
+    """A model's ``train:`` block, checked. Keys beyond the config's are optional (defaults here)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    accumulate: int = 1
+    weight_decay: float = 0.0
+    step_size: int = 5            # LFDL StepLR, in epochs
+    gamma: float = 0.5
+    warmup_epochs: float = 0.0    # MITL
+    min_lr: float = 0.0           # MITL
+    mixup: float = 0.0            # LFDL: probability per micro-batch
+    augment: bool = True
+    num_workers: int = 0
+    checkpoint_every: int = 0     # optimizer steps; 0 = epoch ends only
+    bf16: bool = True             # autocast on CUDA only
+    seed: int = 0                 # default: the config's top-level seed
+    device: str = "auto"          # auto | cpu | cuda (env MORPHFUSE_DEVICE overrides)
+    deterministic: bool | None = None   # None: on for CPU, off for CUDA
+    find_unused_parameters: bool = False
+    tensorboard: bool = True
+
+    @classmethod
+    def from_config(cls, model_name: str, cfg: dict) -> "Settings":
+        block = cfg.get(model_name)
+        if not isinstance(block, dict):
+            raise UserError(f"config has no '{model_name}:' block")
+        train = block.get("train")
+        if not isinstance(train, dict):
+            raise UserError(f"config has no '{model_name}.train:' block")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(train) - known)
+        if unknown:
+            log.warning("%s.train: ignoring unknown keys %s", model_name, ", ".join(unknown))
+        values = {k: v for k, v in train.items() if k in known}
+        values.setdefault("seed", cfg.get("seed", 0))
+        for k in ("epochs", "batch_size", "lr"):
+            if k not in values:
+                raise UserError(f"{model_name}.train.{k} is missing")
+        s = cls(**values)
+        s._check(model_name)
+        env_dev = os.environ.get("MORPHFUSE_DEVICE")
+        if env_dev:
+            s.device = env_dev
+        return s
+
+    def _check(self, m: str) -> None:
+        def bad(key, why):
+            raise UserError(f"{m}.train.{key} = {getattr(self, key)!r}: {why}")
+
+        for k in ("epochs", "batch_size", "accumulate", "step_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(k, "must be an integer ≥ 1")
+        for k in ("num_workers", "checkpoint_every", "seed"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(k, "must be an integer ≥ 0")
+        for k in ("lr", "weight_decay", "gamma", "warmup_epochs", "min_lr", "mixup"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(k, "must be a number ≥ 0")
+        if self.lr <= 0:
+            bad("lr", "must be > 0")
+        if self.mixup > 1:
+            bad("mixup", "is a probability: must be in [0, 1]")
+        if self.min_lr > self.lr:
+            bad("min_lr", f"must not exceed lr = {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "must be auto, cpu or cuda")
+
+
+def model_options(model_name: str, cfg: dict) -> tuple[int, dict]:
+    """``(size, options)`` of a model from its config block: options = the block minus train, size, gpus, paper."""
+    block = cfg[model_name]
+    size = block.get("size")
+    if not isinstance(size, int) or size < 16:
+        raise UserError(f"{model_name}.size = {size!r}: must be an integer ≥ 16")
+    return size, ckpt.primitive({k: v for k, v in block.items() if k not in NON_OPTIONS})
+
+
+def config_digest(model_name: str, cfg: dict, settings: Settings) -> str:
+    from ..config import config_hash
+
+    return config_hash({"model": model_name, "block": cfg[model_name], "seed": settings.seed})
+
+
+# ------------------------------------------------------------------------------------------- distributed
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    initialized: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.initialized:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def gather_objects(self, obj) -> list:
+        if not self.initialized:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, values: list[float]) -> list[float]:
+        if not self.initialized or not values:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / self.world_size).tolist()
+
+
+def init_distributed(device_pref: str) -> DistContext:
+    """Read torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK), pick the device and join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda_ok = torch.cuda.is_available()
+    if device_pref == "cuda" and not cuda_ok:
+        raise UserError("train.device = cuda but torch finds no CUDA device (set it to auto or cpu)")
+    use_cuda = cuda_ok and device_pref in ("auto", "cuda")
+    if use_cuda:
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        ctx.initialized = True
+    return ctx
+
+
+# ------------------------------------------------------------------------------------- optimizer, schedule
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on ≥2-D weights only: none on biases, norms, LFGA's γ and other 1-D / scalar parameters."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model_name: str, model: torch.nn.Module, s: Settings, device: torch.device):
+    groups = param_groups(model, s.weight_decay)
+    if not groups:
+        raise UserError(f"the {model_name} network has no trainable parameters")
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if model_name == "lfdl":
+        return torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), **fused)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), **fused)
+
+
+def lr_factor_fn(model_name: str, s: Settings, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier before optimizer step ``k`` (0-based): a pure function of the step."""
+    if model_name == "lfdl":
+        period = s.step_size * steps_per_epoch
+
+        def step_lr(k: int) -> float:
+            return s.gamma ** (k // period)
+
+        return step_lr
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+
+    def warmup_cosine(k: int) -> float:
+        if k < warm:
+            return (k + 1) / warm
+        span = max(1, total_steps - warm)
+        progress = min(1.0, (k - warm) / span)
+        lr = s.min_lr + (s.lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr / s.lr
+
+    return warmup_cosine
+
+
+# ------------------------------------------------------------------------------------------- small pieces
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve (Mann–Whitney, ties counted half); NaN without both classes."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels) > 0.5
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    r = avg_rank[inv]
+    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+PRECOMPUTED_KEYS = ("srm", "dct_high", "dct_low")
+
+
+def mixup(batch: dict, p: float, rng: np.random.Generator):
+    """With probability ``p``: ``(mixed, permuted_targets, λ)``; else ``(batch, None, 1.0)``.
+
+    ``mixed`` has images λ·x + (1−λ)·x[perm] and the original targets; ``permuted_targets`` the same images with
+    the targets (label, mask, has_mask, ref_box) of x[perm]. Precomputed SRM/DCT are dropped: the model recomputes
+    them from the mixed pixels."""
+    if p <= 0 or rng.random() >= p:
+        return batch, None, 1.0
+    lam = float(rng.beta(1.0, 1.0))
+    n = batch["rgb"].shape[0]
+    perm = torch.from_numpy(rng.permutation(n)).to(batch["rgb"].device)
+    mixed = {k: v for k, v in batch.items() if k not in PRECOMPUTED_KEYS}
+    mixed["rgb"] = lam * batch["rgb"] + (1.0 - lam) * batch["rgb"][perm]
+    other = dict(mixed)
+    for k in ("label", "mask", "has_mask", "ref_box"):
+        if k in batch:
+            other[k] = batch[k][perm]
+    return mixed, other, lam
+
+
+RESERVED = ("phase", "step", "epoch", "loss", "lr", "images_per_s")
+
+
+def _float_parts(parts) -> dict[str, float]:
+    """A model's named loss parts as floats; a part named like an engine column (e.g. its own total ``loss``) is
+    left out: the engine logs the total itself."""
+    out = {}
+    for k, v in (parts or {}).items():
+        if str(k) in RESERVED:
+            continue
+        out[str(k)] = float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
+    return out
+
+
+class MetricsLog:
+    """Rows of metrics.csv (rank 0): kept in memory and rewritten atomically at every checkpoint, so that the
+    file always matches the last checkpoint; a resume drops rows past it (they are recomputed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+
+    def load_until(self, step: int) -> None:
+        import pandas as pd
+
+        if not self.path.exists():
+            return
+        try:
+            df = pd.read_csv(self.path)
+        except Exception as e:  # a damaged log is not worth losing the run for
+            log.warning("%s: cannot read previous metrics (%s); starting a new log", self.path, e)
+            return
+        if "step" not in df.columns:
+            return
+        df = df[df["step"] <= step]
+        self.rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
+                     for r in df.to_dict("records")]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def write(self) -> None:
+        import pandas as pd
+
+        cols: list[str] = []
+        for r in self.rows:
+            cols.extend(k for k in r if k not in cols)
+        lead = [c for c in RESERVED if c in cols]
+        write_csv(self.path, pd.DataFrame(self.rows, columns=lead + [c for c in cols if c not in lead]))
+
+
+class _TB:
+    """TensorBoard scalars under OUT/tb (rank 0); a missing tensorboard install only loses the curves."""
+
+    def __init__(self, logdir: Path, enabled: bool, purge_step: int | None):
+        self.w = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # pragma: no cover - tensorboard is a pinned dependency
+            log.warning("TensorBoard unavailable (%s); metrics.csv only", e)
+            return
+        self.w = SummaryWriter(str(logdir), purge_step=purge_step)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.w is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.w.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+# ------------------------------------------------------------------------------------------------ engine
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    total_steps: int
+    finished: bool
+    model_path: Path
+    metrics_path: Path
+    last_val: dict
+
+
+def train(model_name: str, cfg: dict, features, out_dir, resume: str = "auto", max_steps: int | None = None,
+          factory=None, progress: bool = True) -> TrainResult:
+    """Train ``model_name`` on the ``train`` rows of the feature shards; validate on the ``val`` rows each epoch.
+
+    ``factory(name, size, options) -> nn.Module`` builds the network (default ``morphfuse.models.build_model``).
+    Run under torchrun for several processes. Returns what was done; rank 0 has written OUT/model.pt,
+    OUT/metrics.csv, OUT/checkpoints/last.pt and OUT/tb/.
+    """
+    if model_name not in MODELS:
+        raise UserError(f"unknown model {model_name!r}: expected one of {', '.join(MODELS)}")
+    if resume not in ("auto", "never"):
+        raise UserError(f"--resume {resume!r}: expected auto or never")
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
+    s = Settings.from_config(model_name, cfg)
+    size, options = model_options(model_name, cfg)
+    paths = feature_paths(features)
+    factory = factory or ckpt.resolve_factory(None)
+    out = Path(out_dir)
+
+    ctx = init_distributed(s.device)
+    deterministic = s.deterministic if s.deterministic is not None else ctx.device.type == "cpu"
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        if ctx.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        return _Run(model_name, cfg, s, size, options, paths, factory, out, resume, max_steps, ctx,
+                    progress).run()
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        if ctx.initialized and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Run:
+    def __init__(self, model_name, cfg, s: Settings, size, options, paths, factory, out: Path, resume, max_steps,
+                 ctx: DistContext, progress: bool):
+        self.name, self.cfg, self.s, self.size, self.options = model_name, cfg, s, size, options
+        self.paths, self.factory, self.out, self.resume, self.max_steps = paths, factory, out, resume, max_steps
+        self.ctx, self.progress = ctx, progress
+        self.ckpt_path = out / "checkpoints" / "last.pt"
+        self.model_path = out / "model.pt"
+        self.config_hash = config_digest(model_name, cfg, s)
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _data(self) -> None:
+        s, ctx = self.s, self.ctx
+        splits = load_splits(self.paths, self.name, self.size, ("train", "val"), precomputed_for=("train", "val")
+                             if not s.augment else ("val",))
+        self.train_arrays, self.val_arrays = splits["train"], splits["val"]
+        n = len(self.train_arrays.get("image_id", ()))
+        if n == 0:
+            raise UserError(f"no rows with split 'train' in {len(self.paths)} feature shard(s) "
+                            f"({', '.join(str(p) for p in self.paths[:3])}{' ...' if len(self.paths) > 3 else ''})")
+        self.n_train = n
+        self.train_ds = FeatureDataset(self.train_arrays, self.name, augment=s.augment, seed=s.seed)
+        self.val_ds = FeatureDataset(self.val_arrays, self.name, augment=False, seed=s.seed) if self.val_arrays else None
+        self.order, self.order_epoch = None, None
+        self.n_batches = len(batches_of(self._order(0)[ctx.rank], s.batch_size))
+        self.steps_per_epoch = math.ceil(self.n_batches / s.accumulate)
+        self.total_steps = s.epochs * self.steps_per_epoch
+        self.data_fp = fingerprint(self.train_arrays)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """All ranks' sample indices of ``epoch`` (cached for the current epoch; restored from a checkpoint)."""
+        if self.order_epoch != epoch:
+            self.order = epoch_order(self.n_train, self.s.seed, epoch, self.ctx.world_size)
+            self.order_epoch = epoch
+        return self.order
+
+    def _model(self) -> None:
+        s, ctx = self.s, self.ctx
+        torch.manual_seed(s.seed)
+        np.random.seed(s.seed)
+        random.seed(s.seed)
+        model = self.factory(self.name, self.size, dict(self.options))
+        got = getattr(model, "name", self.name)
+        if got != self.name:
+            raise UserError(f"the model factory built a '{got}' network for '{self.name}'")
+        self.raw = model.to(ctx.device)
+        self.optimizer = build_optimizer(self.name, self.raw, s, ctx.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor_fn(self.name, s, self.steps_per_epoch, self.total_steps))
+        # Each rank its own stream of global randomness (dropout etc.), restored from checkpoints.
+        seed_r = s.seed + 1_000_003 * ctx.rank
+        torch.manual_seed(seed_r)
+        np.random.seed(seed_r % 2**32)
+        random.seed(seed_r)
+
+    def _resume(self) -> None:
+        s, ctx = self.s, self.ctx
+        self.step, self.epoch, self.mb_done = 0, 0, 0
+        self.metrics = MetricsLog(self.out / "metrics.csv")
+        resumed = False
+        if self.resume == "auto" and self.ckpt_path.exists():
+            ck = ckpt.load_checkpoint(self.ckpt_path, self.name, self.size, self.options)
+            self.raw.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.step, self.epoch, self.mb_done = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
+            if ck.get("config_hash") != self.config_hash and ctx.main:
+                log.warning("%s: the %s config changed since this checkpoint; resuming with the new settings",
+                            self.ckpt_path, self.name)
+            data = ck.get("data", {})
+            if (data.get("n"), data.get("fingerprint")) != (self.n_train, self.data_fp) and ctx.main:
+                log.warning("%s: the training rows differ from the checkpoint's (%s rows then, %d now); the resumed "
+                            "run is not a replay of the interrupted one", self.ckpt_path, data.get("n"), self.n_train)
+            rngs = ck["rng"]
+            old_world = int(ck.get("world_size", 1))
+            if old_world == ctx.world_size and len(rngs) == ctx.world_size:
+                ckpt.restore_rng(rngs[ctx.rank], ctx.device)
+            else:
+                if ctx.main:
+                    log.warning("%s: written by %d process(es), resumed by %d: data position mapped by samples "
+                                "seen; RNG streams reseeded (not an exact replay)", self.ckpt_path, old_world,
+                                ctx.world_size)
+                self.mb_done = (self.mb_done * old_world) // ctx.world_size // s.accumulate * s.accumulate
+                seed_r = s.seed + 1_000_003 * ctx.rank + self.step
+                torch.manual_seed(seed_r)
+                np.random.seed(seed_r % 2**32)
+                random.seed(seed_r)
+            stored = ck.get("order")
+            if stored and int(stored.get("epoch", -1)) == self.epoch and \
+                    tuple(stored["indices"].shape) == (ctx.world_size, self._order(self.epoch).shape[1]):
+                saved = stored["indices"].numpy().astype(np.int64)
+                if not np.array_equal(saved, self._order(self.epoch)) and ctx.main:
+                    log.warning("%s: the sampler deals this epoch differently from when the checkpoint was written "
+                                "(another torch version?); continuing with the checkpoint's order", self.ckpt_path)
+                self.order, self.order_epoch = saved, self.epoch
+            if self.mb_done >= self.n_batches:  # a checkpoint at the very end of an epoch's batches
+                self.mb_done = self.n_batches
+            resumed = True
+            if ctx.main:
+                self.metrics.load_until(self.step)
+                log.info("resuming %s from %s: step %d/%d, epoch %d, batch %d", self.name, self.ckpt_path,
+                         self.step, self.total_steps, self.epoch, self.mb_done)
+        elif ctx.main:
+            # A fresh run: stale outputs of an earlier one would be mistaken for this run's (and with --resume never,
+            # an old checkpoint would be resumed by the next --resume auto if this run died before its first one).
+            shutil.rmtree(self.out / "tb", ignore_errors=True)
+            for stale in (self.model_path, self.out / "metrics.csv", self.ckpt_path):
+                stale.unlink(missing_ok=True)
+        self.resumed = resumed
+
+    # -------------------------------------------------------------------------------------- writing
+    def _save_checkpoint(self) -> None:
+        """Collective: every rank contributes its RNG state; rank 0 writes last.pt and metrics.csv."""
+        rngs = self.ctx.gather_objects(ckpt.capture_rng(self.ctx.device))
+        if self.ctx.main:
+            obj = {
+                "format": ckpt.CHECKPOINT_FORMAT, "version": ckpt.VERSION,
+                "model_name": self.name, "size": self.size, "options": self.options, "config_hash": self.config_hash,
+                "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.mb_done,
+                "world_size": self.ctx.world_size,
+                "data": {"n": self.n_train, "fingerprint": self.data_fp, "seed": self.s.seed},
+                "order": {"epoch": self.epoch, "indices": torch.from_numpy(self._order(self.epoch).astype(np.int32))},
+                "rng": rngs, "torch_version": str(torch.__version__),
+            }
+            ckpt.save_atomic(obj, self.ckpt_path)
+            self.metrics.write()
+        self.ctx.barrier()
+
+    def _write_model(self, finished: bool) -> None:
+        if self.ctx.main:
+            rec = ckpt.model_record(self.name, self.size, self.options, self.config_hash,
+                                    ckpt.cpu_state_dict(self.raw), train=ckpt.primitive(dataclasses.asdict(self.s)),
+                                    step=self.step, epoch=self.epoch, finished=finished)
+            ckpt.save_atomic(rec, self.model_path)
+            self.metrics.write()
+        self.ctx.barrier()
+
+    # ------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _validate(self, amp) -> dict:
+        ctx, s = self.ctx, self.s
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return {}
+        self.raw.eval()
+        loss_sum, count, parts_sum, scores, labels = 0.0, 0, {}, [], []
+        for b in eval_batches(len(self.val_ds), s.batch_size, ctx.world_size, ctx.rank):
+            batch = _to_device(default_collate([self.val_ds[(0, i)] for i in b]), ctx.device)
+            with amp():
+                out = self.raw(batch)
+                loss, parts = self.raw.loss(out, batch)
+                score, _ = self.raw.predict_proba(batch)
+            loss_sum += float(loss.float().item()) * len(b)
+            for k, v in _float_parts(parts).items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * len(b)
+            count += len(b)
+            scores.extend(score.float().cpu().reshape(-1).tolist())
+            labels.extend(batch["label"].float().cpu().reshape(-1).tolist())
+        self.raw.train()
+        gathered = ctx.gather_objects((loss_sum, count, parts_sum, scores, labels))
+        tot = sum(g[1] for g in gathered)
+        res = {"val_loss": sum(g[0] for g in gathered) / max(1, tot)}
+        keys = sorted({k for g in gathered for k in g[2]})
+        for k in keys:
+            res[f"val_{k}"] = sum(g[2].get(k, 0.0) for g in gathered) / max(1, tot)
+        res["val_auc"] = roc_auc([x for g in gathered for x in g[3]], [x for g in gathered for x in g[4]])
+        return res
+
+    # ---------------------------------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        self.stop_signal = None
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    previous[sig] = signal.signal(sig, self._on_stop_signal)
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self.stop_signal is None and self.ctx.main:
+            log.warning("%s received: checkpoint at the end of this optimizer step, then stop",
+                        signal.Signals(signum).name)
+        self.stop_signal = signum
+
+    def _run(self) -> TrainResult:
+        s, ctx = self.s, self.ctx
+        self._data()
+        self._model()
+        self._resume()
+        model = self.raw
+        if ctx.initialized:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(self.raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                        find_unused_parameters=s.find_unused_parameters)
+        use_amp = ctx.device.type == "cuda" and s.bf16
+
+        def amp():
+            return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+
+        stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
+        if ctx.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            log.info("%s: %d train rows, %d val rows, %d process(es) on %s, %d micro-batches of %d per epoch and "
+                     "process, %d optimizer steps per epoch, %d in all", self.name, self.n_train, len(self.val_ds or []),
+                     ctx.world_size, ctx.device, self.n_batches, s.batch_size, self.steps_per_epoch, self.total_steps)
+        tb = _TB(self.out / "tb", s.tensorboard and ctx.main, self.step + 1 if self.resumed else None)
+        bar = None
+        if ctx.main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop_at, initial=min(self.step, stop_at), file=sys.stderr, desc=f"train {self.name}",
+                       unit="step", dynamic_ncols=True, mininterval=1.0)
+        last_val: dict = {}
+        model.train()
+        try:
+            while self.epoch < s.epochs and self.step < stop_at:
+                stopped = self._epoch(model, amp, stop_at, tb, bar)
+                if stopped:
+                    break
+                # Epoch end: validate, then checkpoint (the checkpoint marks the start of the next epoch).
+                last_val = self._validate(amp)
+                if last_val and ctx.main:
+                    self.metrics.add({"phase": "val", "step": self.step, "epoch": self.epoch, **last_val})
+                    tb.scalars("val", last_val, self.step)
+                    log.info("epoch %d: %s", self.epoch + 1,
+                             ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+                self.epoch += 1
+                self.mb_done = 0
+                self._save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            tb.close()
+        finished = self.step >= self.total_steps
+        if not finished and ctx.main:
+            log.warning("stopped at step %d of %d (--max-steps); run again with --resume auto to finish",
+                        self.step, self.total_steps)
+        self._write_model(finished)
+        return TrainResult(self.step, self.epoch, self.total_steps, finished, self.model_path,
+                           self.out / "metrics.csv", last_val)
+
+    def _epoch(self, model, amp, stop_at: int, tb: _TB, bar) -> bool:
+        """Run the rest of the current epoch; True when ``--max-steps`` stopped it (after a checkpoint)."""
+        s, ctx = self.s, self.ctx
+        batches = batches_of(self._order(self.epoch)[ctx.rank], s.batch_size)
+        todo = [[(self.epoch, i) for i in b] for b in batches[self.mb_done:]]
+        loader = DataLoader(self.train_ds, batch_sampler=todo, num_workers=s.num_workers, collate_fn=default_collate,
+                            pin_memory=ctx.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(s.seed))  # keeps the global RNG untouched
+        it = iter(loader)
+        t0 = time.perf_counter()
+        while self.mb_done < self.n_batches:
+            group = min(s.accumulate, self.n_batches - self.mb_done)
+            loss_sum, parts_sum, n_img = 0.0, {}, 0
+            for j in range(group):
+                batch = _to_device(next(it), ctx.device)
+                mb_index = self.mb_done + j
+                sync = contextlib.nullcontext() if (j == group - 1 or not ctx.initialized) else model.no_sync()
+                with sync:
+                    with amp():
+                        if self.name == "lfdl" and s.mixup > 0:
+                            rng = np.random.default_rng([s.seed, 0x6D6978, self.epoch, mb_index, ctx.rank])
+                            a, b, lam = mixup(batch, s.mixup, rng)
+                        else:
+                            a, b, lam = batch, None, 1.0
+                        out = model(a)
+                        loss, parts = self.raw.loss(out, a)
+                        parts = _float_parts(parts)
+                        if b is not None:
+                            loss_b, parts_b = self.raw.loss(out, b)
+                            parts_b = _float_parts(parts_b)
+                            loss = lam * loss + (1.0 - lam) * loss_b
+                            parts = {k: lam * v + (1.0 - lam) * parts_b.get(k, v) for k, v in parts.items()}
+                    (loss / group).backward()
+                loss_sum += float(loss.detach().float().item()) / group
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / group
+                n_img += int(batch["rgb"].shape[0])
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            self.mb_done += group
+
+            keys = sorted(parts_sum)
+            stop_flag = 1.0 if self.stop_signal is not None else 0.0
+            reduced = ctx.mean([loss_sum, float(n_img), stop_flag] + [parts_sum[k] for k in keys])
+            loss_val, stop_any = reduced[0], reduced[2] > 0
+            if not math.isfinite(loss_val):
+                raise UserError(f"training diverged: loss is {loss_val} at step {self.step} (epoch {self.epoch + 1}); "
+                                f"lower {self.name}.train.lr or check the feature shards")
+            if ctx.main:
+                now = time.perf_counter()
+                ips = reduced[1] * ctx.world_size / max(now - t0, 1e-9)
+                t0 = now
+                row = {"phase": "train", "step": self.step, "epoch": self.epoch, "loss": loss_val, "lr": lr,
+                       "images_per_s": ips, **{k: v for k, v in zip(keys, reduced[3:])}}
+                self.metrics.add(row)
+                tb.scalars("train", {k: v for k, v in row.items() if k not in ("phase", "step", "epoch")}, self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", refresh=False)
+            else:
+                t0 = time.perf_counter()
+            if stop_any:
+                self._save_checkpoint()
+                name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a stop signal"
+                raise TrainingInterrupted(f"stopped by {name} (on some process) at step {self.step} of "
+                                          f"{self.total_steps}; checkpoint {self.ckpt_path} written, rerun to resume")
+            if self.mb_done >= self.n_batches:
+                return False  # the epoch end (validation + checkpoint) is the caller's
+            if self.step >= stop_at:
+                self._save_checkpoint()
+                return True
+            if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                self._save_checkpoint()
+        return False

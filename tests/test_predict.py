@@ -1,0 +1,184 @@
+"""Prediction: paste-back and score rules on hand cases; a shard end to end (ledger, resume) with a fixed model."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from morphfuse.errors import UserError
+from morphfuse.imageio import read_gray
+from morphfuse.predict import image_score_release, mask_score, paste_patch_map, predict_shard
+from morphfuse.training import checkpoint as ckpt
+
+
+# ---------------------------------------------------------------------------------------------- hand cases
+def test_paste_upsamples_bilinear_into_the_box():
+    canvas = np.zeros((6, 8), np.float32)
+    patch = np.array([[0.0, 1.0], [0.0, 0.0]], np.float32)
+    paste_patch_map(canvas, patch, (2, 1, 6, 5))  # a 4×4 box at x 2..5, y 1..4
+    # 2 → 4 bilinear with half-pixel centres samples source rows/cols at -.25 (clamped), .25, .75, 1.25 (clamped)
+    rows = np.array([1.0, 0.75, 0.25, 0.0])  # weight of source row 0
+    cols = np.array([0.0, 0.25, 0.75, 1.0])  # weight of source col 1
+    expected = np.zeros((6, 8), np.float32)
+    expected[1:5, 2:6] = np.outer(rows, cols)
+    np.testing.assert_allclose(canvas, expected, atol=1e-6)
+
+
+def test_paste_takes_the_max_and_cuts_at_the_border():
+    canvas = np.full((4, 4), 0.5, np.float32)
+    paste_patch_map(canvas, np.full((2, 2), 0.2, np.float32), (0, 0, 2, 2))  # lower: canvas kept
+    paste_patch_map(canvas, np.full((2, 2), 0.9, np.float32), (1, 1, 3, 3))  # higher: replaces
+    paste_patch_map(canvas, np.full((3, 3), 0.7, np.float32), (3, -1, 6, 2))  # mostly outside: cut
+    expected = np.array([[0.5, 0.5, 0.5, 0.7],
+                         [0.5, 0.9, 0.9, 0.7],
+                         [0.5, 0.9, 0.9, 0.5],
+                         [0.5, 0.5, 0.5, 0.5]], np.float32)
+    np.testing.assert_allclose(canvas, expected, atol=1e-6)
+
+
+def test_image_score_release_rule():
+    assert image_score_release([0.2, 0.7, 0.9]) == pytest.approx(0.8)   # mean of the faces ≥ 0.5
+    assert image_score_release([0.2, 0.4]) == pytest.approx(0.3)        # none ≥ 0.5: mean of all
+    assert image_score_release([0.5, 0.1]) == pytest.approx(0.5)        # 0.5 counts as ≥ 0.5
+    assert image_score_release([0.3]) == pytest.approx(0.3)             # no face: the whole-image crop's score
+    with pytest.raises(ValueError):
+        image_score_release([])
+
+
+def test_mask_score_rules():
+    p = np.zeros((10, 20))
+    p[0, :3] = [1.0, 0.5, 0.25]
+    assert mask_score(p, "max") == 1.0
+    assert mask_score(p, "top_percent", 1.0) == pytest.approx(0.75)     # 1 % of 200 px = top 2
+    assert mask_score(p, "top_percent", 1.5) == pytest.approx(1.75 / 3)  # 3 px
+    assert mask_score(p, "top_percent", 0.01) == 1.0                   # at least one pixel
+    assert mask_score(p, "top_percent", 100) == pytest.approx(1.75 / 200)
+
+
+# ------------------------------------------------------------------------------------------- fixed model
+class Fixed(nn.Module):
+    """Protocol stand-in with known outputs: score = mean of the red channel; LFDL map = that value on a 2×2
+    grid; MITL mask = the red channel itself. Counts the crops it sees."""
+
+    def __init__(self, name="lfdl", size=8):
+        super().__init__()
+        self.name, self.size = name, size
+        self.zero = nn.Parameter(torch.zeros(1))
+        self.seen = 0
+
+    @torch.no_grad()
+    def predict_proba(self, batch):
+        red = batch["rgb"][:, :1]
+        self.seen += red.shape[0]
+        score = red.mean((1, 2, 3)) + self.zero
+        if self.name == "lfdl":
+            return score, score[:, None, None, None].expand(-1, 1, 2, 2)
+        return score, red
+
+
+def make_fixed(name, size, options):
+    return Fixed(name, size)
+
+
+def _lfdl_shard(path, size=8):
+    # image A: two faces (red 51 = 0.2 at box (0,0,4,4); red 204 = 0.8 at box (4,2,8,6)), original 6×10;
+    # image B: one whole-image crop (red 102 = 0.4), original 5×7.
+    reds = [51, 204, 102]
+    rgb = np.zeros((3, size, size, 3), np.uint8)
+    for i, r in enumerate(reds):
+        rgb[i, ..., 0] = r
+    arrays = {
+        "image_id": np.array(["A", "A", "B"]), "face_idx": np.array([0, 1, -1]),
+        "crop_box": np.array([[0, 0, 4, 4], [4, 2, 8, 6], [0, 0, 7, 5]]),
+        "rgb": rgb, "mask": np.zeros((3, size, size), np.uint8), "has_mask": np.ones(3, bool),
+        "label": np.array([1, 1, 0]), "ref_box": np.full((3, 4), np.nan, np.float32),
+        "split": np.array(["test"] * 3), "orig_hw": np.array([[6, 10], [6, 10], [5, 7]]),
+    }
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def _manifest(path, ids):
+    pd.DataFrame({"image_id": ids, "path": [f"{i}.jpg" for i in ids], "width": 10, "height": 6}).to_parquet(path)
+    return path
+
+
+def test_lfdl_shard_end_to_end_with_ledger_and_resume(tmp_path):
+    shard = _lfdl_shard(tmp_path / "s.npz")
+    man = _manifest(tmp_path / "s.parquet", ["A", "B", "C"])  # C failed an earlier stage: no features
+    out = tmp_path / "pred"
+    model = Fixed()
+    res = predict_shard("lfdl", model, shard, man, out, batch_size=2)
+    assert res == {"images": 3, "predicted": 2, "skipped_done": 0, "no_features": 1}
+    sc = pd.read_csv(out / "scores.csv")
+    assert list(sc.image_id) == ["A", "B"]
+    assert sc.score.tolist() == pytest.approx([0.8, 0.4])  # A: faces ≥ .5 → 0.8 only; B: its one crop
+    a = read_gray(out / "masks" / "A.png")
+    expected = np.zeros((6, 10), np.uint8)
+    expected[0:4, 0:4] = 51
+    expected[2:6, 4:8] = 204  # max with the first face where they overlap (none here) and the zero canvas
+    np.testing.assert_array_equal(a, expected)
+    np.testing.assert_array_equal(read_gray(out / "masks" / "B.png"), np.full((5, 7), 102, np.uint8))
+    led = pd.read_csv(out / "ledger.csv")
+    assert led.image_id.tolist() == ["C"] and "no entry" in led.reason[0]
+    assert not (out / "scores.partial.csv").exists()
+
+    # Resume: nothing to do when complete; a lost mask is redone alone.
+    model.seen = 0
+    assert predict_shard("lfdl", model, shard, man, out)["predicted"] == 0 and model.seen == 0
+    (out / "masks" / "B.png").unlink()
+    assert predict_shard("lfdl", model, shard, man, out)["predicted"] == 1 and model.seen == 1
+
+    # A killed run: partial scores with a half-written last line; only the unscored image is redone.
+    (out / "scores.csv").unlink()
+    (out / "scores.partial.csv").write_text("image_id,score\nA,0.8\nB,0.4")  # "B" line has no newline
+    model.seen = 0
+    res = predict_shard("lfdl", model, shard, man, out)
+    assert res["skipped_done"] == 1 and res["predicted"] == 1 and model.seen == 1
+    assert pd.read_csv(out / "scores.csv").score.tolist() == pytest.approx([0.8, 0.4])
+
+
+def test_mitl_mask_back_to_original_size(tmp_path):
+    m = 8
+    rgb = np.zeros((1, m, m, 3), np.uint8)
+    rgb[0, :4, :4, 0] = 255
+    arrays = {"image_id": np.array(["X"]), "rgb": rgb, "mask": np.zeros((1, m, m), np.uint8),
+              "label": np.array([1]), "split": np.array(["test"]), "orig_hw": np.array([[16, 12]])}
+    with open(tmp_path / "m.npz", "wb") as f:
+        np.savez(f, **arrays)
+    man = _manifest(tmp_path / "m.parquet", ["X"])
+    for rule, expected in (("max", 1.0), ("top_percent", 1.0)):
+        out = tmp_path / rule
+        predict_shard("mitl", Fixed("mitl", m), tmp_path / "m.npz", man, out, score_rule=rule, score_percent=1)
+        mask = read_gray(out / "masks" / "X.png")
+        assert mask.shape == (16, 12) and mask[0, 0] == 255 and mask[-1, -1] == 0
+        assert pd.read_csv(out / "scores.csv").score[0] == pytest.approx(expected)
+    out = tmp_path / "all"
+    predict_shard("mitl", Fixed("mitl", m), tmp_path / "m.npz", man, out, score_rule="top_percent", score_percent=100)
+    stored = read_gray(out / "masks" / "X.png") / 255.0
+    assert pd.read_csv(out / "scores.csv").score[0] == pytest.approx(stored.mean())  # scored from stored values
+
+
+def test_cli_and_model_file_checks(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from morphfuse.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    shard = _lfdl_shard(tmp_path / "s.npz")
+    man = _manifest(tmp_path / "s.parquet", ["A", "B"])
+    rec = ckpt.model_record("lfdl", 8, {}, "0" * 16, ckpt.cpu_state_dict(Fixed()), finished=True)
+    ckpt.save_atomic(rec, tmp_path / "model.pt")
+    args = ["--model", str(tmp_path / "model.pt"), "--features", str(shard), "--manifest", str(man),
+            "--model-factory", "test_predict:make_fixed", "--no-progress"]
+    assert main(["predict", "lfdl", *args, "--out", str(tmp_path / "p")]) == 0
+    assert pd.read_csv(tmp_path / "p" / "scores.csv").shape == (2, 2)
+    assert main(["predict", "mitl", *args, "--out", str(tmp_path / "q")]) == 2  # an LFDL model file
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="bad.pt"):
+        ckpt.load_model_file(tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="trained at size 16"):
+        predict_shard("lfdl", Fixed("lfdl", 16), shard, man, tmp_path / "r")

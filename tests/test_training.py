@@ -1,0 +1,355 @@
+"""The training engine with a tiny stand-in network that follows the model protocol (docs/CONTRACTS.md):
+loss goes down, an interrupted + resumed run ends bitwise equal to a straight one, checkpoints load with
+weights_only, bad checkpoints fail clearly, DDP runs under torchrun (2 CPU processes, gloo); and one small run of
+the real LFDL.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from morphfuse.errors import UserError
+from morphfuse.training import checkpoint as ckpt
+from morphfuse.training import engine
+from morphfuse.training.data import epoch_batches
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+S = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the test machines share 2 cores, and oversubscribed OpenMP threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------- stand-in model
+class StandIn(nn.Module):
+    """Protocol twin of LFDL/MITL: conv + BN + dropout; a score and a mask on a G×G grid (LFDL) or at the input
+    size (MITL). Dropout and BN make RNG and buffer state matter for exact resume."""
+
+    def __init__(self, name: str = "lfdl", size: int = S, grid: int = 4, **options):
+        super().__init__()
+        self.name, self.size, self.grid = name, size, grid
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.cls = nn.Linear(8, 1)
+        self.loc = nn.Conv2d(8, 1, 1)
+
+    def forward(self, batch):
+        x = batch["rgb"] * 2 - 1
+        if "srm" in batch:  # precomputed inputs are used when given
+            x = x + 0.0 * batch["srm"]
+        f = F.relu(self.bn(self.conv(x)))
+        logit = self.cls(self.drop(f.mean((2, 3))))[:, 0]
+        g = f if self.name == "mitl" else F.adaptive_avg_pool2d(f, self.grid)
+        return {"logit": logit, "loc": self.loc(g)}
+
+    def loss(self, out, batch):
+        y = batch["label"].float()
+        l_cls = F.binary_cross_entropy_with_logits(out["logit"], y)
+        target = batch["mask"].float()
+        if self.name != "mitl":
+            target = F.adaptive_max_pool2d(target, self.grid)
+        l_loc = F.binary_cross_entropy_with_logits(out["loc"], target)
+        total = l_cls + l_loc
+        return total, {"loss": float(total.detach()), "loss_cls": float(l_cls.detach()), "loss_loc": float(l_loc.detach())}
+
+    @torch.no_grad()
+    def predict_proba(self, batch):
+        out = self.forward(batch)
+        return torch.sigmoid(out["logit"]), torch.sigmoid(out["loc"])
+
+
+def make_standin(name, size, options):
+    return StandIn(name, size)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def write_shard(path: Path, n_train: int, n_val: int, seed: int = 0, size: int = S, extra: dict | None = None):
+    """A learnable toy shard: fakes carry a bright rectangle (their mask), reals are plain noise."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val
+    label = np.arange(n) % 2
+    rgb = rng.integers(0, 120, (n, size, size, 3), dtype=np.uint8)
+    mask = np.zeros((n, size, size), np.uint8)
+    for i in np.flatnonzero(label):
+        y0, x0 = rng.integers(0, size // 2, 2)
+        mask[i, y0:y0 + size // 3, x0:x0 + size // 3] = 255
+        rgb[i][mask[i] > 0] = 230
+    arrays = {
+        "image_id": np.array([f"img{seed}_{i:03d}" for i in range(n)]),
+        "face_idx": np.full(n, -1, np.int64),
+        "crop_box": np.tile(np.array([0, 0, size, size], np.int64), (n, 1)),
+        "rgb": rgb, "mask": mask, "has_mask": np.ones(n, bool), "label": label.astype(np.int64),
+        "ref_box": np.full((n, 4), np.nan, np.float32),
+        "split": np.array(["train"] * n_train + ["val"] * n_val),
+        "orig_hw": np.tile(np.array([size, size], np.int64), (n, 1)),
+    }
+    arrays.update(extra or {})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def make_config(tmp: Path, model: str = "lfdl", size: int = S, **train) -> dict:
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    block = cfg[model]
+    block["size"] = size
+    block["train"].update({"epochs": 2, "batch_size": 4, "accumulate": 1, "lr": 1e-2, "augment": True,
+                           "mixup": 0.0, "num_workers": 0, "checkpoint_every": 100, "tensorboard": False})
+    block["train"].update(train)
+    path = tmp / f"config_{model}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def run_train(cfg, shards, out, model="lfdl", **kw):
+    kw.setdefault("factory", make_standin)
+    return engine.train(model, cfg, shards, out, progress=False, **kw)
+
+
+def state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_loss_decreases_and_outputs(tmp_path):
+    shard = write_shard(tmp_path / "s0.npz", 16, 8)
+    cfg = make_config(tmp_path, epochs=6, augment=False, tensorboard=True, lr=3e-2)
+    res = run_train(cfg, [shard], tmp_path / "out")
+    assert res.finished and res.step == 6 * 4 == res.total_steps
+    m = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    tr = m[m.phase == "train"]
+    assert list(tr.step) == list(range(1, 25))
+    assert {"loss", "loss_cls", "loss_loc", "lr", "images_per_s", "epoch"} <= set(tr.columns)
+    assert tr.loss.iloc[-4:].mean() < 0.8 * tr.loss.iloc[:4].mean()
+    va = m[m.phase == "val"]
+    assert len(va) == 6 and va.val_auc.notna().all() and va.val_auc.iloc[-1] >= 0.9
+    rec = state(tmp_path / "out" / "model.pt")
+    assert rec["format"] == "morphfuse-model" and rec["model_name"] == "lfdl" and rec["size"] == S
+    assert rec["finished"] is True and len(rec["config_hash"]) == 16 and "stem_padding" in rec["options"]
+    assert list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
+    # StepLR(5 epochs, 0.5): epoch 6 runs at half the rate.
+    assert tr.lr.iloc[0] == pytest.approx(3e-2) and tr.lr.iloc[-1] == pytest.approx(1.5e-2)
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    shard = write_shard(tmp_path / "s0.npz", 28, 6)
+    # augmentation, mixup, accumulation, dropout and BN all on: 7 micro-batches = 4 steps per epoch.
+    cfg = make_config(tmp_path, epochs=2, augment=True, mixup=0.5, accumulate=2, checkpoint_every=3)
+    a = run_train(cfg, [shard], tmp_path / "a")
+    assert a.finished and a.total_steps == 8
+
+    b = tmp_path / "b"
+    r = run_train(cfg, [shard], b, max_steps=3)  # stops mid-epoch 1 with a checkpoint
+    assert not r.finished and r.step == 3 and state(b / "model.pt")["finished"] is False
+    ck3 = state(b / "checkpoints" / "last.pt")
+    assert (ck3["step"], ck3["epoch"], ck3["batch_in_epoch"]) == (3, 0, 6)
+    assert ck3["order"]["epoch"] == 0 and sorted(ck3["order"]["indices"][0].tolist()) == list(range(28))
+    saved3 = tmp_path / "step3.pt"
+    shutil.copy(b / "checkpoints" / "last.pt", saved3)
+    run_train(cfg, [shard], b, max_steps=6)  # resumes, runs on into epoch 2 ...
+    shutil.copy(saved3, b / "checkpoints" / "last.pt")  # ... and "dies": only the step-3 checkpoint survives
+    r = run_train(cfg, [shard], b)
+    assert r.finished and r.step == 8
+
+    sa, sb = state(tmp_path / "a" / "model.pt")["state_dict"], state(b / "model.pt")["state_dict"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ma, mb = (pd.read_csv(p / "metrics.csv") for p in (tmp_path / "a", b))
+    cols = [c for c in ma.columns if c != "images_per_s"]
+    pd.testing.assert_frame_equal(ma[cols], mb[cols])  # rows past the surviving checkpoint were redone once
+
+    # The augmentation is seeded by sample position: data workers change nothing.
+    c = tmp_path / "c"
+    run_train(make_config(tmp_path, epochs=2, augment=True, mixup=0.5, accumulate=2, checkpoint_every=3,
+                          num_workers=2), [shard], c)
+    sc = state(c / "model.pt")["state_dict"]
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+
+    # Checkpoints are plain tensors and containers.
+    ck = state(b / "checkpoints" / "last.pt")
+    assert ck["format"] == "morphfuse-checkpoint" and ck["step"] == 8 and ck["epoch"] == 2
+    assert isinstance(ck["rng"][0]["torch"], torch.Tensor) and len(ck["rng"]) == 1
+
+
+def test_stop_signal_writes_a_checkpoint_and_resume_is_exact(tmp_path):
+    shard = write_shard(tmp_path / "s0.npz", 16, 4)
+    cfg = make_config(tmp_path, epochs=2, mixup=0.5)
+    calls = {"n": 0}
+
+    def signalling(name, size, options):
+        m = StandIn(name, size)
+        forward = m.forward
+
+        def fwd(batch):
+            calls["n"] += 1
+            if calls["n"] == 3:  # during optimizer step 3 (mid-epoch 1), as SLURM would before a time-limit kill
+                os.kill(os.getpid(), signal.SIGTERM)
+            return forward(batch)
+
+        m.forward = fwd
+        return m
+
+    out = tmp_path / "out"
+    with pytest.raises(engine.TrainingInterrupted, match="SIGTERM.*step 3 of 8"):
+        run_train(cfg, [shard], out, factory=signalling)
+    assert state(out / "checkpoints" / "last.pt")["step"] == 3 and not (out / "model.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+    run_train(cfg, [shard], out)
+    run_train(cfg, [shard], tmp_path / "straight")
+    sa, sb = state(out / "model.pt")["state_dict"], state(tmp_path / "straight" / "model.pt")["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    shard = write_shard(tmp_path / "s0.npz", 8, 2)
+    cfg = make_config(tmp_path, epochs=1)
+    out = tmp_path / "out"
+    run_train(cfg, [shard], out)
+    last = out / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    for bad in (good[: len(good) // 2], b"not a checkpoint at all", b""):
+        last.write_bytes(bad)
+        with pytest.raises(UserError) as e:
+            run_train(cfg, [shard], out)
+        assert str(last) in str(e.value) and ("corrupt" in str(e.value) or "empty" in str(e.value))
+    # --resume never starts over past a broken file
+    assert run_train(cfg, [shard], out, resume="never").finished
+
+
+def test_checkpoint_of_another_model_or_size_is_refused(tmp_path):
+    shard = write_shard(tmp_path / "s0.npz", 8, 2)
+    cfg = make_config(tmp_path, epochs=1)
+    run_train(cfg, [shard], tmp_path / "lfdl")
+    out = tmp_path / "mitl"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "lfdl" / "checkpoints" / "last.pt", out / "checkpoints" / "last.pt")
+    mcfg = make_config(tmp_path, model="mitl", epochs=1)
+    with pytest.raises(UserError, match=r"is for model 'lfdl' but this run uses 'mitl'"):
+        run_train(mcfg, [shard], out, model="mitl")
+    with pytest.raises(UserError, match=r"at size 32 but this run uses size 64"):
+        ckpt.load_checkpoint(tmp_path / "lfdl" / "checkpoints" / "last.pt", "lfdl", 64)
+    opts = dict(state(tmp_path / "lfdl" / "model.pt")["options"], mpff_c=2.0)
+    with pytest.raises(UserError, match=r"other lfdl model options \(mpff_c differ\)"):
+        ckpt.load_checkpoint(tmp_path / "lfdl" / "checkpoints" / "last.pt", "lfdl", S, opts)
+    with pytest.raises(UserError, match="final model file, not a training checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "lfdl" / "model.pt")
+    # A shard of another size is refused before any compute.
+    big = write_shard(tmp_path / "big.npz", 4, 0, size=64)
+    with pytest.raises(UserError, match="configured for size 32"):
+        run_train(cfg, [big], tmp_path / "x")
+
+
+def test_mitl_schedule_and_cli(tmp_path, monkeypatch):
+    """MITL through the CLI (--set relative to the model block), AdamW groups and the warm-up/cosine schedule."""
+    from morphfuse.cli import main
+
+    shard = write_shard(tmp_path / "s0.npz", 8, 4)
+    make_config(tmp_path, model="mitl", epochs=3, lr=1e-3, warmup_epochs=1, min_lr=1e-5)
+    monkeypatch.syspath_prepend(str(TESTS))
+    rc = main(["train", "mitl", "--config", str(tmp_path / "config_mitl.yaml"), "--features", str(tmp_path),
+               "--out", str(tmp_path / "out"), "--set", "train.epochs=2", "--set", "mitl.train.batch_size=2",
+               "--model-factory", "test_training:make_standin", "--no-progress"])
+    assert rc == 0
+    m = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    tr = m[m.phase == "train"]
+    assert len(tr) == 2 * 4  # epochs=2 from --set, 8 rows / batch 2
+    lr = tr.lr.to_numpy()
+    np.testing.assert_allclose(lr[:4], [2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up over one epoch
+    assert np.all(np.diff(lr[4:]) < 0) and lr[-1] > 1e-5  # then half-cosine down towards min_lr
+    f = engine.lr_factor_fn("mitl", engine.Settings(epochs=2, batch_size=1, lr=1e-3, warmup_epochs=1, min_lr=1e-5), 4, 8)
+    assert f(4) == pytest.approx(1.0) and f(8) * 1e-3 == pytest.approx(1e-5)
+    opt = engine.build_optimizer("mitl", StandIn("mitl"), engine.Settings(epochs=1, batch_size=1, lr=1e-4,
+                                 weight_decay=0.05), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    m2 = StandIn("mitl")
+    opt2 = engine.build_optimizer("lfdl", m2, engine.Settings(epochs=1, batch_size=1, lr=1e-4, weight_decay=1e-5),
+                                  torch.device("cpu"))
+    assert isinstance(opt2, torch.optim.Adam) and opt2.defaults["betas"] == (0.9, 0.999)
+    decayed = {id(p) for g in opt2.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(m2.conv.weight), id(m2.cls.weight), id(m2.loc.weight)}  # no bias, no BN
+    # CLI errors are one line, exit 2
+    (tmp_path / "out" / "checkpoints" / "last.pt").write_bytes(b"junk")
+    rc = main(["train", "mitl", "--config", str(tmp_path / "config_mitl.yaml"), "--features", str(shard),
+               "--out", str(tmp_path / "out"), "--model-factory", "test_training:make_standin", "--no-progress"])
+    assert rc == 2
+
+
+def test_data_order_and_auc():
+    # DistributedSampler order: ranks disjoint, together every row; the same for the same (seed, epoch).
+    b0 = epoch_batches(12, 2, seed=3, epoch=1, world_size=2, rank=0)
+    b1 = epoch_batches(12, 2, seed=3, epoch=1, world_size=2, rank=1)
+    assert sorted(i for b in b0 + b1 for i in b) == list(range(12))
+    assert b0 == epoch_batches(12, 2, seed=3, epoch=1, world_size=2, rank=0)
+    assert b0 != epoch_batches(12, 2, seed=3, epoch=2, world_size=2, rank=0)
+    # An incomplete last batch is dropped (BN, SSPSL anchors), unless it is the only one.
+    assert [len(b) for b in epoch_batches(10, 4, seed=0, epoch=0)] == [4, 4]
+    assert [len(b) for b in epoch_batches(3, 4, seed=0, epoch=0)] == [3]
+    assert engine.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert engine.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+    assert np.isnan(engine.roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun, 2 processes, gloo: both ranks train on disjoint halves; rank 0 writes; every rank's RNG saved."""
+    shard = write_shard(tmp_path / "s0.npz", 16, 4)
+    make_config(tmp_path, epochs=1, checkpoint_every=1, augment=True)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", MORPHFUSE_DEVICE="cpu")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "morphfuse.cli", "train", "lfdl",
+           "--config", str(tmp_path / "config_lfdl.yaml"), "--features", str(shard), "--out", str(tmp_path / "out"),
+           "--model-factory", "test_training:make_standin", "--no-progress"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = state(tmp_path / "out" / "checkpoints" / "last.pt")
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+    assert ck["step"] == 2  # 16 rows / 2 ranks / batch 4
+    m = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert list(m[m.phase == "train"].step) == [1, 2] and m.val_auc.notna().any()
+    assert state(tmp_path / "out" / "model.pt")["finished"] is True
+
+
+def test_real_lfdl_trains_resumes_and_predicts(tmp_path):
+    """Integration: the real LFDL (S = 64) through the engine, then predict on the same shard."""
+    pytest.importorskip("timm")
+    from morphfuse.predict import predict_shard
+
+    shard = write_shard(tmp_path / "s0.npz", 2, 2, size=64)
+    cfg = make_config(tmp_path, size=64, epochs=1, batch_size=2, augment=True, lr=1e-4)
+    res = engine.train("lfdl", cfg, [shard], tmp_path / "out", progress=False)
+    assert res.finished and res.step == 1
+    # Resuming a finished run only rewrites model.pt (the real optimizer and scheduler states load back).
+    assert engine.train("lfdl", cfg, [shard], tmp_path / "out", progress=False).step == 1
+    rec = ckpt.load_model_file(tmp_path / "out" / "model.pt", "lfdl")
+    model = ckpt.build_from_record(rec)
+    m = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert {"loss_cls", "loss_loc"} <= set(m.columns) and np.isfinite(m.loss.dropna()).all()
+    man = tmp_path / "man.parquet"
+    ids = np.load(shard)["image_id"].tolist()
+    pd.DataFrame({"image_id": ids, "path": ids, "width": 64, "height": 64}).to_parquet(man)
+    out = predict_shard("lfdl", model, shard, man, tmp_path / "pred", batch_size=4)
+    assert out["predicted"] == len(ids)
+    sc = pd.read_csv(tmp_path / "pred" / "scores.csv")
+    assert len(sc) == len(ids) and sc.score.between(0, 1).all()
