@@ -1,0 +1,464 @@
+"""LFDL: the two-stream Xception network for face-crop forgery detection and patch localization (LFDL.md).
+
+Reads top-down like the paper's figure::
+
+    rgb ∈ [0,1] ──normalise──► x ──────────────► RGB Xception (timm legacy_xception, exit flow deleted)
+                               └─ SRM residuals ► SRM Xception (timm legacy_xception, fc deleted)
+    stem, block1, block2 : CMCE couples the two streams (no learned weights)
+    block3               : both streams take rgb2 + srm2
+    block3, 4–7, 8–11    : LFGA, RGB-guided attention that changes the SRM stream only
+    localization head    : MPFF over the RGB features x0..x5 → 2 logits per patch on the G×G grid of x5
+    classification head  : SRM features y0,y1,y2,y3,y5 max-pooled to P×P, bilinear fusion with the exit flow y6
+    loss                 : L_cls + L_loc (1:1), patch targets from the mask or from SSPSL pseudo labels
+
+Every grid is derived from the input side S: G (patch grid) is the side of x5, P that of the exit-flow output.
+At S = 299 with the release's stem padding 1 the feature sides are 150, 75, 38, 19, 10 (G = 19, P = 10); with
+timm's padding 0 they are 147, 74, 37, 19, 10 (same G and P, same head widths).
+
+Choices where the paper, the release and our rules differ (each is an option or stated here):
+- ``stem_padding`` 1 (release) or 0 (timm): set as the ``padding`` attribute of the two stem convolutions at
+  construction (configuration of timm's modules; nothing else inside timm is touched).
+- CMCE ``cmce_use_updated_rgb`` (release: true): srm' = ReLU(srm + c·rgb_u) with rgb_u = rgb + c·srm, the
+  updated RGB feature before its ReLU, exactly as released; false gives the paper's srm + c·rgb.
+- LFGA: energies are q·k without the 1/√d factor as released (``lfga_scaled: true`` adds it). The key projection
+  has no bias: a key bias adds q_i·b to every energy of row i, which the softmax cancels, so it would be a
+  parameter that never receives a gradient.
+- Stage outputs are timm's: x1..x5 and y3..y5 are the raw block sums (the next block starts with its own ReLU),
+  y6 ends with act4 (the ReLU after bn4; the release's exit flow stops at bn4 and feeds it unrectified).
+- Classification: 2-class softmax cross-entropy (as released; equivalent to 1-logit BCE). The 2048→4096 Linear
+  has no bias because a BatchNorm follows (the bias would get an exactly zero gradient).
+- Labels may be soft (mixup): the losses use probability targets. Patch ground truth: a pixel is manipulated when
+  its mask value is > 0.5 (the repository's v > 127 rule); a patch is 1 when any pixel of its window is.
+- SSPSL embeddings: ``sspsl_embedding: x5`` (default: L2-normalised x5, no projection that no loss could train)
+  or ``fixed_random`` (a fixed 728→256 random projection kept as a buffer, seeded, not a parameter). The fake
+  anchor is the batch mean over all pseudo-labelled fakes' reference cells (``sspsl_fake_anchor: batch``, as
+  released) or each sample's own (``sample``). A fake without mask is skipped by the localization loss (and
+  counted in the ``sspsl_skipped`` loss part) when its ``ref_box`` is NaN / empty or the batch holds no real image.
+- Pretrained weights are optional: ``pretrained`` is a local checkpoint path loaded into both backbones with
+  strict=False (missing / unexpected keys are logged and kept in ``self.pretrained_report``); timm's hub is used
+  only with ``pretrained_hub: true``. The default trains from scratch offline.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UserError
+from ..srm import srm_residuals
+
+log = logging.getLogger(__name__)
+
+BACKBONE = "legacy_xception"
+RGB_UNUSED = ("block12", "conv3", "bn3", "act3", "conv4", "bn4", "act4", "global_pool", "fc")  # RGB exit flow + head
+SRM_UNUSED = ("global_pool", "fc")  # the SRM stream keeps its exit flow (y6) but not timm's classifier
+LOC_CHANNELS = (64, 128, 256, 728, 728, 728)  # x0 (stem) .. x5 (blocks 8–11)
+CLS_CHANNELS = (64, 128, 256, 728, 728)  # y0, y1, y2, y3, y5
+EXIT_CHANNELS = 2048
+MPFF_CHANNELS = 512
+MIDDLE = (range(4, 8), range(8, 12))  # blocks 4–7, blocks 8–11
+WORKFLOW_KEYS = frozenset({"train", "gpus", "paper"})  # keys of the config's lfdl block that are not model options
+
+
+# ----------------------------------------------------------------------------------------------- grid helpers
+def feature_sides(size: int, stem_padding: int) -> tuple[int, ...]:
+    """Sides of the stem, block1, block2, block3, blocks 4–7, blocks 8–11 and exit-flow outputs for an S×S input."""
+    s0 = (size + 2 * stem_padding - 3) // 2 + 1  # conv1: 3×3, stride 2
+    s0 = s0 + 2 * stem_padding - 2  # conv2: 3×3, stride 1
+
+    def down(s: int) -> int:  # MaxPool2d(3, 2, 1) ending blocks 1, 2, 3, 12 (their 1×1 stride-2 skip agrees)
+        return (s - 1) // 2 + 1
+
+    s1 = down(s0)
+    s2 = down(s1)
+    s3 = down(s2)
+    return (s0, s1, s2, s3, s3, s3, down(s3))
+
+
+def pad_to_multiple(x: Tensor, n: int) -> Tensor:
+    """Replicate-pad the two spatial dims (half before, the rest after) so that each side is a multiple of ``n``."""
+    ph, pw = (-x.shape[-2]) % n, (-x.shape[-1]) % n
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
+
+
+def grid_max_pool(x: Tensor, n: int) -> Tensor:
+    """Max-pool a square (B, C, H, H) map onto an n×n grid after padding H to a multiple of n."""
+    x = pad_to_multiple(x, n)
+    k = x.shape[-1] // n
+    return x if k == 1 else F.max_pool2d(x, k, k)
+
+
+def box_grid(ref_box: Tensor, size: int, grid: int) -> Tensor:
+    """(B, 4) rectangles x0, y0, x1, y1 in S×S pixels → (B, G, G) bool cells touched; a NaN box touches none.
+
+    A pixel i is inside when its square [i, i+1) overlaps [x0, x1) (so any box of positive area covers a pixel);
+    the pixel mask is then pooled like the ground-truth masks.
+    """
+    idx = torch.arange(size, device=ref_box.device, dtype=torch.float32)
+    box = ref_box.float()
+    inx = (idx[None] + 1 > box[:, 0:1]) & (idx[None] < box[:, 2:3])  # NaN compares False
+    iny = (idx[None] + 1 > box[:, 1:2]) & (idx[None] < box[:, 3:4])
+    pix = (iny[:, :, None] & inx[:, None, :]).float()[:, None]
+    return grid_max_pool(pix, grid)[:, 0] > 0
+
+
+def sspsl_labels(emb: Tensor, real: Tensor, pseudo: Tensor, region: Tensor, per_sample: bool = False) -> Tensor:
+    """SSPSL pseudo patch labels (eq. 7–10).
+
+    emb (B, D, G, G) patch embeddings (normalised here); real (B,) bool: real images, their patches form the real
+    anchor; pseudo (B,) bool: fakes to label; region (B, G, G) bool: reference cells of each fake. The fake anchor
+    is the mean of the pseudo fakes' reference-cell embeddings over the batch, or per sample with ``per_sample``.
+    A pseudo fake's patch is 1 when cos(p, fake anchor) > cos(p, real anchor); every other patch is 0.
+    Returns (B, G, G) float. Without a real image (or a reference cell) an anchor is zero and its cosine 0: the
+    caller gives such samples no loss weight.
+    """
+    e = F.normalize(emb.float(), dim=1)
+    reals = real.float()[:, None, None, None]  # weighted means, no boolean indexing: no host synchronisation
+    real_anchor = (e * reals).sum((0, 2, 3)) / (reals.sum() * e.shape[-1] * e.shape[-2]).clamp_min(1)  # (D,)
+    cells = (region & pseudo[:, None, None]).float()[:, None]  # (B, 1, G, G)
+    if per_sample:
+        fake_anchor = (e * cells).sum((2, 3)) / cells.sum((2, 3)).clamp_min(1)  # (B, D)
+    else:
+        fake_anchor = ((e * cells).sum((0, 2, 3)) / cells.sum().clamp_min(1)).expand(e.shape[0], -1)
+    cos_fake = F.cosine_similarity(e, fake_anchor[:, :, None, None], dim=1)
+    cos_real = F.cosine_similarity(e, real_anchor[None, :, None, None], dim=1)
+    return ((cos_fake > cos_real) & pseudo[:, None, None]).float()
+
+
+# ------------------------------------------------------------------------------------------------- modules
+class CMCE(nn.Module):
+    """Cross-modality consistency enhancement (eq. 1–3): cosine-weighted exchange between the streams, no weights."""
+
+    def __init__(self, use_updated_rgb: bool = True):
+        super().__init__()
+        self.use_updated_rgb = use_updated_rgb
+
+    def forward(self, rgb: Tensor, srm: Tensor) -> tuple[Tensor, Tensor]:
+        c = F.cosine_similarity(rgb, srm, dim=1).unsqueeze(1).to(rgb.dtype)  # (B, 1, H, W); fp32 under autocast
+        rgb_u = rgb + c * srm
+        srm_u = srm + c * (rgb_u if self.use_updated_rgb else rgb)
+        return F.relu(rgb_u), F.relu(srm_u)
+
+    def extra_repr(self) -> str:
+        return f"use_updated_rgb={self.use_updated_rgb}"
+
+
+class LFGA(nn.Module):
+    """Localization-feature-guided attention (eq. 4–5): queries and keys from RGB, values from SRM; SRM changes."""
+
+    def __init__(self, channels: int = 728, ratio: int = 4, scaled: bool = False):
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels // ratio, 1)
+        self.key = nn.Conv2d(channels, channels // ratio, 1, bias=False)  # a key bias is cancelled by the softmax
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.scale = (channels // ratio) ** -0.5 if scaled else 1.0
+
+    def forward(self, srm: Tensor, rgb: Tensor) -> Tensor:
+        b, c, h, w = srm.shape
+
+        def tokens(t: Tensor) -> Tensor:  # (B, C', H, W) → (B, 1 head, HW, C')
+            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        q, k, v = tokens(self.query(rgb)), tokens(self.key(rgb)), tokens(self.value(srm))
+        att = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # softmax over the HW key positions
+        att = att.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return F.relu(srm + self.gamma.to(att.dtype) * att)
+
+
+class MPFF(nn.Module):
+    """Multi-scale patch feature fusion (eq. 6): per-window similarity of a finer map with the x5 map, no weights."""
+
+    def __init__(self, c: float = 1.0):
+        super().__init__()
+        self.c = float(c)
+
+    def forward(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        g = coarse.shape[-1]
+        fine = pad_to_multiple(fine, g)
+        w = fine.shape[-1] // g
+        up = coarse if w == 1 else F.interpolate(coarse, scale_factor=w, mode="nearest")
+        m = torch.tanh(fine * up / self.c).sum(1, keepdim=True)  # (B, 1, wG, wG)
+        return F.pixel_unshuffle(m, w)  # (B, w², G, G): each w×w window unfolded to channels (as nn.Unfold)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}"
+
+
+def projection(cin: int, cout: int = MPFF_CHANNELS) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class LocalizationHead(nn.Module):
+    """MPFF over x0..x5 projected to 512 channels, concatenated with x5 → BN, ReLU, 1×1 conv → 2 logits per patch."""
+
+    def __init__(self, windows: tuple[int, ...], c: float = 1.0):
+        super().__init__()
+        self.proj = nn.ModuleList(projection(ch) for ch in LOC_CHANNELS)
+        self.mpff = MPFF(c)
+        width = sum(w * w for w in windows) + LOC_CHANNELS[-1]
+        self.head = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Conv2d(width, 2, 1, bias=False))
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        p = [proj(f) for proj, f in zip(self.proj, feats)]
+        maps = [self.mpff(f, p[-1]) for f in p[:-1]]
+        return self.head(torch.cat(maps + [feats[-1]], dim=1))
+
+
+class ClassificationHead(nn.Module):
+    """Multi-level SRM features pooled to P×P, bilinear (Hadamard) fusion with the exit flow, → 2 logits."""
+
+    def __init__(self, hidden: int = 2048, width: int = 4096, dropout: float = 0.5):
+        super().__init__()
+        self.proj_levels = nn.Linear(sum(CLS_CHANNELS), hidden)
+        self.proj_exit = nn.Linear(EXIT_CHANNELS, hidden)
+        self.drop1 = nn.Dropout(dropout)
+        self.expand = nn.Linear(hidden, width, bias=False)  # BatchNorm follows: a bias would get no gradient
+        self.bn = nn.BatchNorm2d(width)
+        self.drop2 = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, levels: list[Tensor], exit_flow: Tensor) -> Tensor:
+        p = exit_flow.shape[-1]
+        a = torch.cat([grid_max_pool(y, p) for y in levels], dim=1)  # (B, 1904, P, P)
+        z = torch.tanh(self.proj_levels(a.permute(0, 2, 3, 1)) * self.proj_exit(exit_flow.permute(0, 2, 3, 1)))
+        z = self.expand(self.drop1(z)).permute(0, 3, 1, 2)  # (B, 4096, P, P)
+        z = F.relu(self.bn(z)).mean((2, 3))
+        return self.fc(self.drop2(z))
+
+
+def xception_backbone(stem_padding: int, unused: tuple[str, ...], hub: bool = False) -> nn.Module:
+    """timm's legacy_xception with the stem padding set and the modules LFDL never calls deleted."""
+    net = timm.create_model(BACKBONE, pretrained=hub)
+    for conv in (net.conv1, net.conv2):
+        conv.padding = (stem_padding, stem_padding)
+    for name in unused:
+        delattr(net, name)
+    return net
+
+
+def stem(net: nn.Module, x: Tensor) -> Tensor:
+    x = net.act1(net.bn1(net.conv1(x)))
+    return net.act2(net.bn2(net.conv2(x)))
+
+
+def blocks(net: nn.Module, x: Tensor, ids: range) -> Tensor:
+    for i in ids:
+        x = getattr(net, f"block{i}")(x)
+    return x
+
+
+def exit_flow(net: nn.Module, x: Tensor) -> Tensor:
+    x = net.block12(x)
+    x = net.act3(net.bn3(net.conv3(x)))
+    return net.act4(net.bn4(net.conv4(x)))
+
+
+# --------------------------------------------------------------------------------------------------- network
+class LFDL(nn.Module):
+    """Two-stream face-crop detector and patch localizer; protocol of CONTRACTS.md (forward / loss / predict_proba).
+
+    ``forward(batch)`` returns ``cls`` (B, 2) logits, ``loc`` (B, 2, G, G) patch logits and ``x5`` (B, 728, G, G),
+    the RGB feature SSPSL embeds.
+    """
+
+    name = "lfdl"
+
+    def __init__(
+        self,
+        size: int = 299,
+        *,
+        stem_padding: int = 1,
+        pretrained: str | None = None,
+        pretrained_hub: bool = False,
+        cmce_use_updated_rgb: bool = True,
+        lfga_scaled: bool = False,
+        mpff_c: float = 1.0,
+        sspsl_embedding: str = "x5",
+        sspsl_fake_anchor: str = "batch",
+        dropout: float = 0.5,
+        **workflow: Any,
+    ):
+        super().__init__()
+        unknown = sorted(set(workflow) - WORKFLOW_KEYS)
+        if unknown:
+            raise UserError(f"lfdl: unknown option(s) {', '.join(unknown)}; expected stem_padding, pretrained, "
+                            "pretrained_hub, cmce_use_updated_rgb, lfga_scaled, mpff_c, sspsl_embedding, "
+                            "sspsl_fake_anchor, dropout")
+        _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (timm) or 1 (release)")
+        _check("mpff_c", mpff_c, isinstance(mpff_c, (int, float)) and mpff_c > 0, "a positive number")
+        _check("sspsl_embedding", sspsl_embedding, sspsl_embedding in ("x5", "fixed_random"), "x5 or fixed_random")
+        _check("sspsl_fake_anchor", sspsl_fake_anchor, sspsl_fake_anchor in ("batch", "sample"), "batch or sample")
+        _check("pretrained", pretrained, not (pretrained and pretrained_hub),
+               "null when pretrained_hub is true (choose a local file or timm's hub, not both)")
+        sides = feature_sides(int(size), stem_padding)
+        _check("size", size, sides[-1] >= 1, f"a side of at least 32 px (got feature sides {sides})")
+
+        self.size = int(size)
+        self.grid = sides[5]  # G: side of x5
+        self.cls_grid = sides[6]  # P: side of the exit-flow output
+        windows = tuple(-(-s // self.grid) for s in sides[:5])  # window w of x0..x4 after padding to a multiple of G
+        self.geometry = {"feature_sides": list(sides), "grid": self.grid, "cls_grid": self.cls_grid,
+                         "mpff_windows": list(windows), "loc_channels": sum(w * w for w in windows) + 728,
+                         "stem_padding": stem_padding}
+        self.sspsl_fake_anchor = sspsl_fake_anchor
+
+        self.rgb = xception_backbone(stem_padding, RGB_UNUSED, hub=pretrained_hub)
+        self.srm = xception_backbone(stem_padding, SRM_UNUSED, hub=pretrained_hub)
+        self.cmce = nn.ModuleList(CMCE(cmce_use_updated_rgb) for _ in range(3))
+        self.lfga = nn.ModuleList(LFGA(728, scaled=lfga_scaled) for _ in range(3))
+        self.localize = LocalizationHead(windows, mpff_c)
+        self.classify = ClassificationHead(dropout=dropout)
+        if sspsl_embedding == "fixed_random":  # seeded, so every run (and every checkpoint) has the same one
+            g = torch.Generator(device="cpu").manual_seed(0)
+            self.register_buffer("sspsl_proj", torch.randn(256, 728, generator=g, device="cpu") / 728 ** 0.5)
+        else:
+            self.sspsl_proj = None
+        self.pretrained_report: dict[str, dict[str, list[str]]] = {}
+        if pretrained:
+            self.pretrained_report = self.load_backbone_weights(pretrained)
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        rgb = batch["rgb"]
+        if rgb.ndim != 4 or rgb.shape[1] != 3 or tuple(rgb.shape[-2:]) != (self.size, self.size):
+            raise ValueError(f"LFDL was built for (B, 3, {self.size}, {self.size}) inputs; got {tuple(rgb.shape)}")
+        x = (rgb - 0.5) / 0.5
+        srm = batch.get("srm")
+        if srm is not None:
+            srm = srm.to(x.dtype)
+        elif x.is_meta:  # shape / FLOP counting: the same 3→3 5×5 convolution, without values
+            srm = F.conv2d(x, x.new_empty(3, 3, 5, 5), padding=2)
+        else:
+            srm = srm_residuals(x)
+        R, S = self.rgb, self.srm
+
+        x0, y0 = self.cmce[0](stem(R, x), stem(S, srm))
+        x1, y1 = self.cmce[1](R.block1(x0), S.block1(y0))
+        x2, y2 = self.cmce[2](R.block2(x1), S.block2(y1))
+        merged = x2 + y2  # block3 of both streams takes the same input
+        x3 = R.block3(merged)
+        y3 = self.lfga[0](S.block3(merged), x3)
+        x4 = blocks(R, x3, MIDDLE[0])
+        y4 = self.lfga[1](blocks(S, y3, MIDDLE[0]), x4)
+        x5 = blocks(R, x4, MIDDLE[1])
+        y5 = self.lfga[2](blocks(S, y4, MIDDLE[1]), x5)
+        y6 = exit_flow(S, y5)
+
+        return {"cls": self.classify([y0, y1, y2, y3, y5], y6),
+                "loc": self.localize([x0, x1, x2, x3, x4, x5]),
+                "x5": x5}
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def patch_embeddings(self, x5: Tensor) -> Tensor:
+        """SSPSL patch embeddings (B, D, G, G), L2-normalised over D; no gradient (labels are hard comparisons)."""
+        e = x5.detach().float()
+        if self.sspsl_proj is not None:
+            e = torch.einsum("dc,bchw->bdhw", self.sspsl_proj.float(), e)
+        return F.normalize(e, dim=1)
+
+    def patch_targets(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict]:
+        """Per-patch fake targets (B, G, G) in {0, 1}, per-sample loss weights (B,) and SSPSL counts (0-d tensors)."""
+        loc = out["loc"]
+        b, g, dev = loc.shape[0], loc.shape[-1], loc.device
+        fake = batch["label"].to(dev).float() > 0.5
+        mask = batch.get("mask")
+        has_mask = batch.get("has_mask")
+        has_mask = (torch.full((b,), mask is not None, device=dev) if has_mask is None
+                    else has_mask.to(dev).bool())
+        target = torch.zeros(b, g, g, device=dev)
+        if mask is not None:
+            mask = mask.to(dev).float()
+            mask = mask[:, None] if mask.ndim == 3 else mask  # (B, S, S) accepted too
+            gt = grid_max_pool((mask > 0.5).float(), g)[:, 0]
+            target = torch.where(has_mask[:, None, None], gt, target)
+        pseudo = fake & ~has_mask  # fakes without a mask: SSPSL
+        ref = batch.get("ref_box")
+        region = (box_grid(ref.to(dev), self.size, g) if ref is not None
+                  else torch.zeros(b, g, g, dtype=torch.bool, device=dev))
+        real = ~fake
+        usable = pseudo & region.flatten(1).any(1) & real.any()  # tensors throughout: no host synchronisation
+        labels = sspsl_labels(self.patch_embeddings(out["x5"]), real, usable, region,
+                              per_sample=self.sspsl_fake_anchor == "sample")
+        target = torch.where(usable[:, None, None], labels, target)
+        weight = (~pseudo | usable).float()  # reals, fakes with a mask, and pseudo-labelled fakes
+        stats = {"sspsl_samples": usable.sum(), "sspsl_skipped": (pseudo & ~usable).sum()}
+        return target, weight, stats
+
+    def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """L = L_cls + L_loc (1:1), both softmax cross-entropy with probability targets (soft labels allowed)."""
+        cls, loc = out["cls"].float(), out["loc"].float()
+        y = batch["label"].to(cls.device).float()
+        loss_cls = F.cross_entropy(cls, torch.stack([1 - y, y], 1))
+        target, weight, stats = self.patch_targets(out, batch)
+        ce = F.cross_entropy(loc, torch.stack([1 - target, target], 1), reduction="none")  # (B, G, G)
+        n = weight.sum() * ce.shape[-1] * ce.shape[-2]
+        loss_loc = (ce * weight[:, None, None]).sum() / n.clamp_min(1)  # mean over the supervised patches
+        total = loss_cls + loss_loc
+        names = ["loss", "loss_cls", "loss_loc", *stats]
+        values = torch.stack([total.detach(), loss_cls.detach(), loss_loc.detach(),
+                              *(v.float() for v in stats.values())]).tolist()
+        return total, dict(zip(names, values))  # one host synchronisation for all parts
+
+    @torch.no_grad()
+    def predict_proba(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Face score (B,) = softmax fake probability; mask (B, 1, G, G) = patch fake probability (call .eval())."""
+        out = self.forward(batch)
+        return out["cls"].float().softmax(1)[:, 1], out["loc"].float().softmax(1)[:, 1:2]
+
+    # ------------------------------------------------------------------------------------------ pretrained
+    def load_backbone_weights(self, path: str | Path) -> dict[str, dict[str, list[str]]]:
+        """Load a local Xception checkpoint (timm legacy_xception or Cadene layout) into both backbones.
+
+        strict=False: the keys each backbone lacks (``missing``) or the file has in excess (``unexpected``, e.g. the
+        RGB exit flow and fc that LFDL deleted) are logged and returned. Shape mismatches are errors.
+        """
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"lfdl.pretrained = {path}: no such file; give a local Xception checkpoint "
+                            "(timm legacy_xception state dict) or null to train from scratch")
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"lfdl.pretrained = {path}: not a readable torch checkpoint ({e})") from None
+        for key in ("state_dict", "model", "state"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+        if not isinstance(sd, dict):
+            raise UserError(f"lfdl.pretrained = {path}: expected a state dict, got {type(sd).__name__}")
+        sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+        sd = {k: v[..., None, None] if k.endswith("pointwise.weight") and v.ndim == 2 else v  # Cadene layout
+              for k, v in sd.items()}
+        report: dict[str, dict[str, list[str]]] = {}
+        for name, net in (("rgb", self.rgb), ("srm", self.srm)):
+            own = net.state_dict()
+            bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in sd if k in own and sd[k].shape != own[k].shape]
+            if bad:
+                raise UserError(f"lfdl.pretrained = {path}: shapes differ from legacy_xception: {', '.join(bad[:5])}")
+            res = net.load_state_dict(sd, strict=False)
+            report[name] = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+            if len(res.missing_keys) == len(own):
+                raise UserError(f"lfdl.pretrained = {path}: no key matches legacy_xception (e.g. {next(iter(sd), '')})")
+            log.info("lfdl.pretrained %s → %s backbone: %d tensors loaded, %d missing %s, %d unexpected %s",
+                     p, name, len(own) - len(res.missing_keys), len(res.missing_keys), res.missing_keys[:8],
+                     len(res.unexpected_keys), _summarise(res.unexpected_keys))
+        return report
+
+
+def _check(key: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise UserError(f"lfdl.{key} = {value!r}: must be {expected}")
+
+
+def _summarise(keys: list[str]) -> list[str]:
+    """Top-level module names of a key list (block12.rep.1... → block12) for a one-line log."""
+    return sorted({k.split(".")[0] for k in keys})
