@@ -1,0 +1,149 @@
+"""MITL cost and speed: GFLOPs per image, CPU forward time, and (when CUDA exists) GPU training/inference throughput.
+
+    .venv/bin/python benchmarks/bench_mitl.py                       # CPU forward at 512, batch 1
+    .venv/bin/python benchmarks/bench_mitl.py --threads 1 --repeats 2
+    .venv/bin/python benchmarks/bench_mitl.py --gpu-only --compile  # on a CUDA machine
+
+GFLOPs are counted with torch.utils.flop_counter on the meta device (where SDPA runs as its bmm decomposition and
+is counted; the fused CPU SDPA kernel has no FLOP formula) plus the DCT bands counted on CPU. Training FLOPs are
+taken as 3x forward. The GPU section follows the release's measurement: batch 16 at 512, bf16 autocast, here with
+channels_last, fused AdamW and SDPA attention (optionally torch.compile), random init, random data.
+Prints one Markdown section; paste it into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from morphfuse.dct import dct_bands
+from morphfuse.models.mitl import MITL
+
+RELEASE = {"params_M": 85.75, "gflops": 244.6, "train_img_s_bf16": 89, "train_img_s_cl_compile_fused": 135,
+           "infer_img_s_bf16": 253}
+
+
+def count_gflops(size: int) -> dict[str, float]:
+    """Forward GFLOPs per image at ``size`` by part (meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        model = MITL(size=size).eval()
+    z = lambda: torch.zeros(1, 3, size, size, device="meta")  # noqa: E731
+    counter = FlopCounterMode(display=False, depth=3)
+    with counter, torch.no_grad():
+        model({"rgb": z(), "dct_high": z(), "dct_low": z()})
+    per = {k: sum(v.values()) / 1e9 for k, v in counter.get_flop_counts().items()}
+    dct_counter = FlopCounterMode(display=False)
+    with dct_counter:
+        dct_bands(torch.rand(1, 3, size, size))
+    parts = {name: per.get(f"MITL.{name}", 0.0) for name in ("convnext", "mit", "weighting")}
+    parts["decoders+heads"] = per["MITL"] - sum(parts.values())
+    parts["dct"] = dct_counter.get_total_flops() / 1e9
+    parts["total"] = per["MITL"] + parts["dct"]
+    return parts
+
+
+def bench_cpu(size: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = MITL(size=size).eval()
+    batch = {"rgb": torch.rand(1, 3, size, size)}
+    times = []
+    with torch.no_grad():
+        model(batch)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(batch)
+            times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "min_s": min(times), "threads": torch.get_num_threads()}
+
+
+def bench_gpu(size: int, batch_size: int, steps: int, compile_: bool) -> dict[str, float]:
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = MITL(size=size).to(dev, memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    rgb = torch.rand(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    mask = (torch.rand(batch_size, 1, size, size, device=dev) > 0.9).float()
+    batch = {"rgb": rgb, "mask": mask}
+    fwd = torch.compile(model) if compile_ else model
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fwd(batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"].float(), mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn, n):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    torch.cuda.reset_peak_memory_stats()
+    train_s = timed(train_step, steps)
+    train_mem = torch.cuda.max_memory_allocated() / 2**30
+    model.eval()
+
+    @torch.no_grad()
+    def infer_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fwd(batch)
+
+    infer_s = timed(infer_step, steps)
+    return {"train_img_s": steps * batch_size / train_s, "infer_img_s": steps * batch_size / infer_s,
+            "train_peak_gib": train_mem, "device": torch.cuda.get_device_name(), "compile": compile_}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3, help="timed CPU forwards (after one warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
+    p.add_argument("--batch", type=int, default=16, help="GPU batch size")
+    p.add_argument("--steps", type=int, default=20, help="timed GPU steps")
+    p.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
+    p.add_argument("--gpu-only", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    flops = count_gflops(args.size)
+    print(f"## MITL (models/mitl.py), {args.size}x{args.size}, random init\n")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
+    print("| part | GFLOPs/image (forward) |\n|---|---|")
+    for k, v in flops.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"\nRelease: {RELEASE['gflops']} GFLOPs (its DCT: 6.4 as full transforms).\n")
+
+    if not args.gpu_only:
+        cpu = bench_cpu(args.size, args.repeats)
+        print(f"CPU forward, batch 1, fp32, {cpu['threads']} thread(s): median {cpu['median_s']:.2f} s/image "
+              f"(min {cpu['min_s']:.2f} s) -> {flops['total'] / cpu['median_s']:.1f} GFLOP/s implied "
+              f"(best {flops['total'] / cpu['min_s']:.1f}).\n")
+    if torch.cuda.is_available():
+        gpu = bench_gpu(args.size, args.batch, args.steps, args.compile)
+        train_tflops = 3 * flops["total"] * gpu["train_img_s"] / 1e3
+        print(f"GPU {gpu['device']}, batch {args.batch}, bf16 autocast, channels_last, fused AdamW, SDPA"
+              f"{', torch.compile' if gpu['compile'] else ''}: training {gpu['train_img_s']:.1f} images/s "
+              f"(~{train_tflops:.0f} TFLOP/s at 3x forward; peak {gpu['train_peak_gib']:.1f} GiB), inference "
+              f"{gpu['infer_img_s']:.1f} images/s. Release on one H100: {RELEASE['train_img_s_bf16']} (bf16), "
+              f"{RELEASE['train_img_s_cl_compile_fused']} (+channels_last, compile, fused AdamW) training, "
+              f"{RELEASE['infer_img_s_bf16']} inference images/s.")
+    else:
+        print("GPU: no CUDA device here; run this script on a GPU machine for the training/inference section.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""MITL: Mesoscopic Image Tampering Localization (Mesorch), as specified in ``shared/spec/MITL.md``.
+
+Reads top-down like the paper's figure::
+
+    rgb in [0, 1] ── ImageNet normalisation ──> x
+    x ── FEIR (full-image DCT, morphfuse.dct) ──> high, low          (or precomputed ``dct_high``/``dct_low``)
+    I_h = [x, high] ── ConvNeXt-Tiny (timm, 6 ch) ──> c1..c4 at H/4 .. H/32
+    I_l = [x, low]  ── MiT-B3 (transformers SegformerModel, 6 ch, SDPA) ──> s1..s4 at H/4 .. H/32
+    DFGMG decoders: ConvTranspose2d(k4, s2, p1) chains halving the channels bring c2..c4, s2..s4 to H/4;
+                    one 1x1 conv per feature ──> 8 single-channel logit maps M_j at H/4
+    AMW: [x, high, low] (9 ch) ──> softmax weights W_j at H/4
+    logits = sum_j W_j M_j at H/4 ── bilinear ──> input size;  loss = BCE with logits vs the mask
+
+Input sides must be multiples of 32 (non-square is fine): ConvNeXt floors and MiT pads its strided convolutions,
+so only then do the two pyramids and the decoders' exact doublings meet at the same H/4 grid.
+
+Decisions where the spec leaves room (each differs from the release only as said):
+- AMW residual block as released: LayerNorm2d -> Conv3x3 -> Conv1x1 (192->768) -> Conv1x1 (768->192) -> GELU, then
+  added to its input. GELU comes last, so the three convolutions compose to one linear map (no non-linearity
+  between the two 1x1 convolutions, unlike a ConvNeXt block).
+- The stems keep their bias (timm/transformers default; pretrained RGB bias kept). The release rebuilt both stems
+  with ``bias=False``, dropping the pretrained bias: 96 + 64 parameters fewer than ours.
+- The final upsampling uses ``align_corners=False`` (pixel-centre aligned with the stride-4 grid); the release
+  used ``align_corners=True``.
+- MiT-B3 is transformers' SegformerModel, whose LayerNorms use eps 1e-5 (the release's blocks: 1e-6).
+- On-the-fly DCT bands are computed in float32 outside autocast (dct.py), so they match the stored bands under
+  bf16 too; stored float16 bands are read as float32.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d
+from timm.models import FeatureListNet
+from timm.models import load_state_dict as timm_load_state_dict
+from timm.models.convnext import checkpoint_filter_fn as convnext_filter_fn
+from torch import Tensor
+from transformers import SegformerConfig, SegformerModel
+
+from morphfuse.dct import LOW_BANDS, dct_bands
+from morphfuse.errors import UserError
+
+SIZE_MULTIPLE = 32
+SCORE_RULES = ("max", "top_percent")
+# Keys of the config's ``mitl:`` block that configure other stages, not the network.
+_NOT_MODEL_OPTIONS = ("gpus", "paper", "train")
+
+# MiT-B3 (MITL.md): embed dims, heads, depths, spatial-reduction ratios, MLP ratio 4, overlapping patch embeddings.
+MIT_B3 = dict(
+    hidden_sizes=[64, 128, 320, 512],
+    num_attention_heads=[1, 2, 5, 8],
+    depths=[3, 4, 18, 3],
+    sr_ratios=[8, 4, 2, 1],
+    mlp_ratios=[4, 4, 4, 4],
+    patch_sizes=[7, 3, 3, 3],
+    strides=[4, 2, 2, 2],
+)
+IN_CHANS = 6  # [x, band]
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def upsampling_decoder(dims: Sequence[int], level: int) -> nn.Sequential:
+    """Bring the feature of pyramid ``level`` (channels ``dims[level]``) to level 0 (H/4, ``dims[0]`` channels).
+
+    A chain of ConvTranspose2d(k4, s2, p1), each doubling the side and stepping down one level's channels
+    (768->384->192->96 for ConvNeXt level 3). Level 0 gives an empty Sequential: the H/4 feature as is.
+    """
+    return nn.Sequential(*[nn.ConvTranspose2d(dims[j], dims[j - 1], kernel_size=4, stride=2, padding=1)
+                           for j in range(level, 0, -1)])
+
+
+class WeightingNet(nn.Module):
+    """AMW (eq. 16-18): per-pixel softmax weights over the 8 logit maps, at H/4, from [x, high, low]."""
+
+    def __init__(self, in_chans: int = 9, n_maps: int = 8, dim: int = 192, expansion: int = 4):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_chans, dim, kernel_size=7, stride=2, padding=3)        # H/2
+        self.block = nn.Sequential(                                                       # residual, as released
+            LayerNorm2d(dim),
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1),
+            nn.Conv2d(dim, expansion * dim, kernel_size=1),
+            nn.Conv2d(expansion * dim, dim, kernel_size=1),
+            nn.GELU(),
+        )
+        self.conv_out = nn.Conv2d(dim, n_maps, kernel_size=7, stride=2, padding=3)       # H/4
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        x = x + self.block(x)
+        return self.conv_out(x).float().softmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------ encoders + checkpoints
+def six_channel_stem(rgb_weight: Tensor) -> Tensor:
+    """An RGB stem weight (O, 3, k, k) -> (O, 6, k, k): RGB copied into channels 0-2, Kaiming normal in 3-5."""
+    extra = nn.init.kaiming_normal_(torch.empty(rgb_weight.shape, dtype=torch.float32))
+    return torch.cat([rgb_weight.float(), extra], dim=1)
+
+
+def _load_exactly(module: nn.Module, state: dict[str, Tensor], option: str, path: str) -> None:
+    """Load ``state`` into ``module``: every key present and shaped right, else a UserError naming the file."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise UserError(f"mitl.pretrained.{option}: {path} does not fit the network: {str(err).splitlines()[-1]}"
+                        ) from err
+    if missing or unexpected:
+        raise UserError(f"mitl.pretrained.{option}: {path} does not fit the network: {len(missing)} weights "
+                        f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def _existing(path: str | Path, option: str) -> str:
+    if not Path(path).exists():
+        raise UserError(f"mitl.pretrained.{option}: no such file or directory {path!r}; give a local checkpoint "
+                        "or null to train from scratch (nothing is downloaded)")
+    return str(path)
+
+
+def load_convnext_checkpoint(net: nn.Module, path: str | Path) -> None:
+    """Load a local RGB ConvNeXt checkpoint (timm or Facebook layout; .pth/.safetensors) into a 6-channel
+    timm ConvNeXt: the classifier head is skipped, the stem widened by :func:`six_channel_stem`."""
+    path = _existing(path, "convnext")
+    state = convnext_filter_fn(timm_load_state_dict(path, weights_only=True), net)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if "stem.0.weight" not in state:
+        raise UserError(f"mitl.pretrained.convnext: {path} has no 'stem.0.weight'; expected a ConvNeXt checkpoint")
+    state["stem.0.weight"] = six_channel_stem(state["stem.0.weight"])
+    head = {k: v for k, v in net.state_dict().items() if k.startswith("head.")}
+    _load_exactly(net, {**state, **head}, "convnext", path)
+
+
+_NVLABS_MIT = [  # NVlabs/SegFormer (mit_b3.pth, as the release loads) -> transformers SegformerModel
+    (r"^patch_embed(\d)\.proj\.", "stages.{s}.patch_embeddings.proj."),
+    (r"^patch_embed(\d)\.norm\.", "stages.{s}.patch_embeddings.layer_norm."),
+    (r"^block(\d)\.(\d+)\.norm1\.", "stages.{s}.blocks.{b}.layernorm_before."),
+    (r"^block(\d)\.(\d+)\.norm2\.", "stages.{s}.blocks.{b}.layernorm_after."),
+    (r"^block(\d)\.(\d+)\.attn\.q\.", "stages.{s}.blocks.{b}.attention.q_proj."),
+    (r"^block(\d)\.(\d+)\.attn\.proj\.", "stages.{s}.blocks.{b}.attention.o_proj."),
+    (r"^block(\d)\.(\d+)\.attn\.sr\.", "stages.{s}.blocks.{b}.attention.sequence_reduction.sequence_reduction."),
+    (r"^block(\d)\.(\d+)\.attn\.norm\.", "stages.{s}.blocks.{b}.attention.sequence_reduction.layer_norm."),
+    (r"^block(\d)\.(\d+)\.mlp\.", "stages.{s}.blocks.{b}.mlp."),
+    (r"^norm(\d)\.", "stages.{s}.layer_norm."),
+]
+
+
+def convert_nvlabs_mit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """NVlabs MiT key layout -> SegformerModel's; ``attn.kv`` is split into k (first half) and v; ``head.*``
+    (ImageNet classifier) is dropped."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^block(\d)\.(\d+)\.attn\.kv\.(weight|bias)$", key)
+        if m:
+            prefix = f"stages.{int(m[1]) - 1}.blocks.{m[2]}.attention"
+            k, v = value.chunk(2, dim=0)
+            out[f"{prefix}.k_proj.{m[3]}"], out[f"{prefix}.v_proj.{m[3]}"] = k, v
+            continue
+        for pattern, template in _NVLABS_MIT:
+            m = re.match(pattern, key)
+            if m:
+                new = template.format(s=int(m[1]) - 1, b=m[2] if m.lastindex > 1 else "")
+                out[new + key[m.end():]] = value
+                break
+        else:
+            if not key.startswith("head."):
+                out[key] = value  # left for _load_exactly to report
+    return out
+
+
+def load_segformer_checkpoint(mit: SegformerModel, path: str | Path) -> None:
+    """Load a local RGB MiT checkpoint into a 6-channel SegformerModel, the stem widened by
+    :func:`six_channel_stem`. ``path`` is a transformers directory (``save_pretrained``, e.g. a copy of
+    nvidia/mit-b3; old key names are converted by transformers) or a state-dict file (.pth/.safetensors) in
+    NVlabs' MiT layout (``mit_b3.pth``, as the release loads) or in SegformerModel's own layout."""
+    path = _existing(path, "segformer")
+    if Path(path).is_dir():
+        state = SegformerModel.from_pretrained(path, local_files_only=True).state_dict()
+    else:
+        state = timm_load_state_dict(path, weights_only=True)
+        state = {k.removeprefix("segformer."): v for k, v in state.items()}
+        if "patch_embed1.proj.weight" in state:
+            state = convert_nvlabs_mit(state)
+    stem = "stages.0.patch_embeddings.proj.weight"
+    if stem not in state:
+        raise UserError(f"mitl.pretrained.segformer: {path} has no MiT stem weight; expected a MiT/SegFormer "
+                        "encoder checkpoint (transformers directory, NVlabs mit_b3.pth or SegformerModel state dict)")
+    state[stem] = six_channel_stem(state[stem])
+    _load_exactly(mit, state, "segformer", path)
+
+
+def convnext_tiny_features(checkpoint: str | Path | None = None) -> FeatureListNet:
+    """ConvNeXt-Tiny on 6 channels, stage outputs at H/4..H/32, no classifier: the very module
+    ``timm.create_model('convnext_tiny', features_only=True, in_chans=6)`` builds, with an optional local RGB
+    checkpoint loaded into the full network first (as timm itself does for pretrained weights)."""
+    net = timm.create_model("convnext_tiny", pretrained=False, in_chans=IN_CHANS)
+    if checkpoint is not None:
+        load_convnext_checkpoint(net, checkpoint)
+    return FeatureListNet(net, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+
+
+def mit_b3(checkpoint: str | Path | None = None, drop_path: float = 0.1) -> SegformerModel:
+    """MiT-B3 on 6 channels (transformers SegformerModel: no decode head), PyTorch SDPA attention."""
+    config = SegformerConfig(num_channels=IN_CHANS, drop_path_rate=drop_path, **MIT_B3,
+                             attn_implementation="sdpa")
+    mit = SegformerModel(config)
+    if checkpoint is not None:
+        load_segformer_checkpoint(mit, checkpoint)
+    return mit
+
+
+# --------------------------------------------------------------------------------------------------- model
+class MITL(nn.Module):
+    """Whole-image tampering localisation; ``forward``/``loss``/``predict_proba`` follow docs/CONTRACTS.md.
+
+    Options (the config's ``mitl:`` block): ``low_band`` ('l_shape' | 'square'), ``pretrained`` ({convnext,
+    segformer}: local checkpoint paths or null), ``score`` ({rule: 'max' | 'top_percent', percent}),
+    ``drop_path`` (MiT stochastic depth, 0.1). ``gpus``, ``paper`` and ``train`` are accepted and ignored.
+    """
+
+    name = "mitl"
+
+    def __init__(self, size: int = 512, low_band: str = "l_shape", pretrained: dict | None = None,
+                 score: dict | None = None, drop_path: float = 0.1, **options: Any):
+        super().__init__()
+        unknown = sorted(set(options) - set(_NOT_MODEL_OPTIONS))
+        if unknown:
+            raise UserError(f"mitl: unknown option(s) {unknown}; expected size, low_band, pretrained, score, "
+                            f"drop_path (or {', '.join(_NOT_MODEL_OPTIONS)}, which the model ignores)")
+        if size % SIZE_MULTIPLE or size <= 0:
+            raise UserError(f"mitl.size must be a positive multiple of {SIZE_MULTIPLE}, got {size}")
+        if low_band not in LOW_BANDS:
+            raise UserError(f"mitl.low_band must be one of {LOW_BANDS}, got {low_band!r}")
+        pretrained = dict(pretrained or {})
+        if set(pretrained) - {"convnext", "segformer"}:
+            raise UserError(f"mitl.pretrained takes keys convnext and segformer, got {sorted(pretrained)}")
+        score = {"rule": "top_percent", "percent": 1.0, **(score or {})}
+        if score["rule"] not in SCORE_RULES:
+            raise UserError(f"mitl.score.rule must be one of {SCORE_RULES}, got {score['rule']!r}")
+        if not 0 < float(score["percent"]) <= 100:
+            raise UserError(f"mitl.score.percent must be in (0, 100], got {score['percent']}")
+        self.size, self.low_band = size, low_band
+        self.score_rule, self.score_percent = score["rule"], float(score["percent"])
+
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
+        # DFGMG: two encoders, their decoders to H/4, one 1x1 logit conv per map.
+        self.convnext = convnext_tiny_features(pretrained.get("convnext"))
+        self.mit = mit_b3(pretrained.get("segformer"), drop_path=drop_path)
+        local_dims = self.convnext.feature_info.channels()           # 96, 192, 384, 768
+        global_dims = list(self.mit.config.hidden_sizes)              # 64, 128, 320, 512
+        self.decoders = nn.ModuleList([upsampling_decoder(local_dims, i) for i in range(4)]
+                                      + [upsampling_decoder(global_dims, i) for i in range(4)])
+        self.heads = nn.ModuleList([nn.Conv2d(local_dims[0], 1, 1) for _ in range(4)]
+                                   + [nn.Conv2d(global_dims[0], 1, 1) for _ in range(4)])
+        # AMW on [x, high, low].
+        self.weighting = WeightingNet(in_chans=3 * 3, n_maps=len(self.heads))
+
+    # ---------------------------------------------------------------------------------------------- parts
+    def _bands(self, batch: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """FEIR bands: the batch's precomputed ``dct_high``/``dct_low`` if given, else ``dct_bands`` of x."""
+        given = [k for k in ("dct_high", "dct_low") if k in batch]
+        if len(given) == 1:
+            raise ValueError(f"batch has {given[0]} but not the other DCT band; give both or neither")
+        if given:
+            high, low = batch["dct_high"], batch["dct_low"]
+            if high.shape != x.shape or low.shape != x.shape:
+                raise ValueError(f"dct_high {tuple(high.shape)} / dct_low {tuple(low.shape)} must match the image "
+                                 f"{tuple(x.shape)}")
+            return high.to(x.device, torch.float32), low.to(x.device, torch.float32)
+        return dct_bands(x, self.low_band)  # float32, outside autocast (dct.py)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``rgb`` (B,3,H,W) in [0,1], H and W multiples of 32 -> ``logits`` (B,1,H,W), ``maps`` and
+        ``weights`` (B,8,H/4,W/4)."""
+        rgb = batch["rgb"]
+        if rgb.ndim != 4 or rgb.shape[1] != 3 or rgb.shape[-2] % SIZE_MULTIPLE or rgb.shape[-1] % SIZE_MULTIPLE:
+            raise ValueError(f"MITL takes rgb of shape (B, 3, H, W) with H and W multiples of {SIZE_MULTIPLE}, "
+                             f"got {tuple(rgb.shape)}")
+        x = (rgb.float() - self.mean) / self.std
+        high, low = self._bands(batch, x)
+
+        local = self.convnext(torch.cat([x, high], dim=1))
+        glob = self.mit(torch.cat([x, low], dim=1), output_hidden_states=True).hidden_states
+        maps = torch.cat([head(decoder(f)) for head, decoder, f in zip(self.heads, self.decoders, [*local, *glob])],
+                         dim=1)
+        weights = self.weighting(torch.cat([x, high, low], dim=1))
+        logits = (weights * maps.float()).sum(dim=1, keepdim=True)
+        logits = F.interpolate(logits, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        return {"logits": logits, "maps": maps, "weights": weights}
+
+    def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """BCE with logits of the mask (weight 1), the only loss."""
+        bce = F.binary_cross_entropy_with_logits(out["logits"].float(), batch["mask"].to(torch.float32))
+        return bce, {"bce": bce.item()}
+
+    def score_from_mask(self, prob: Tensor) -> Tensor:
+        """Image score (B,) from the mask probabilities (B,1,H,W): their max, or the mean of the top k %."""
+        flat = prob.flatten(1)
+        if self.score_rule == "max":
+            return flat.amax(dim=1)
+        k = max(1, math.ceil(flat.shape[1] * self.score_percent / 100))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    @torch.no_grad()
+    def predict_proba(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Score (B,) and mask probability (B,1,H,W), both in [0, 1], at the input size (call ``eval()`` first)."""
+        prob = torch.sigmoid(self.forward(batch)["logits"].float())
+        return self.score_from_mask(prob), prob
