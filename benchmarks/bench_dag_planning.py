@@ -65,8 +65,9 @@ def main() -> None:
         dt = time.perf_counter() - t
         if r.returncode:
             sys.exit(r.stdout[-3000:] + r.stderr[-3000:])
-        jobs = sum(int(line.split()[-1]) for line in r.stdout.splitlines()
-                   if len(line.split()) == 2 and line.split()[-1].isdigit() and line.split()[0] != "total")
+        totals = [int(line.split()[-1]) for line in r.stdout.splitlines()
+                  if len(line.split()) == 2 and line.split()[0] == "total" and line.split()[-1].isdigit()]
+        jobs = totals[0] if totals else -1
         print(f"images={a.images} shard_size={a.shard_size} shards={-(-a.images // a.shard_size)}+ "
               f"jobs={jobs} dry_run_s={dt:.1f}")
         print(r.stdout[-1500:])

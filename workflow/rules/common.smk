@@ -61,8 +61,18 @@ def forge_shard_ids(wildcards=None):
     return [f"{k:05d}" for k in range(n)]
 
 
+_SHARD_TABLES = {}
+
+
+def _shard_table(path):
+    key = (path, os.path.getmtime(path))
+    if key not in _SHARD_TABLES:
+        _SHARD_TABLES[key] = pd.read_csv(path, dtype=str)
+    return _SHARD_TABLES[key]
+
+
 def shard_ids(splits=None):
-    table = pd.read_csv(checkpoints.manifest.get().output.shards, dtype=str)
+    table = _shard_table(checkpoints.manifest.get().output.shards)
     if splits is not None:
         table = table[table["split"].isin(splits)]
     return sorted(table["shard"])
