@@ -35,7 +35,7 @@ def _all_ledgers(wildcards):
     shards = shard_ids()
     out = [R("ledger/index/index.csv")]
     out += [R("ledger/forge", f"{m}_{k}.csv") for m in config["forge"]["methods"] for k in forge_shard_ids()]
-    out += [R("ledger", st, f"{s}.csv") for st in ("faces", "features_lfdl", "features_mitl") for s in shards]
+    out += [R("ledger", st, f"{s}.csv") for st in ("faces", "crops", "features_lfdl", "features_mitl") for s in shards]
     out += [R("ledger", st, f"{v}_{s}.csv") for st in ("fuse", "evaluate")
             for v in config["fusion"]["variants"] for s in eval_shards()]
     return out

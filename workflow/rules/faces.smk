@@ -12,12 +12,15 @@ rule faces:
         upsample=config["faces"].get("upsample", 1),
         min_score=config["faces"].get("min_score", 0.0),
         torch_home=(config["faces"].get("face_alignment") or {}).get("torch_home") or "",
+        gray=" --gray" if config["faces"].get("gray") else "",
         code=code_hash("faces/backends.py", "faces/cli.py", "faces/landmarks.py", "imageio.py"),
+    threads: 1
     log:
         R("logs/faces/{shard}.log"),
     shell:
         "{MF} faces --manifest {input.shard} --out {output.faces} --backend {params.backend}"
-        " --upsample {params.upsample} --min-score {params.min_score} --ledger {output.ledger}"
+        " --upsample {params.upsample} --min-score {params.min_score} --ledger {output.ledger} --threads {threads} --no-progress"
+        "{params.gray}"
         " $( [ -n '{params.torch_home}' ] && echo --torch-home '{params.torch_home}' ) > {log} 2>&1"
 
 
@@ -25,15 +28,17 @@ rule crops:
     input:
         shard=R("manifest/shards/{shard}.parquet"),
         faces=rules.faces.output.faces,
+        faces_ledger=rules.faces.output.ledger,
     output:
         crops=R("crops/{shard}.parquet"),
+        ledger=R("ledger/crops/{shard}.csv"),
     params:
         crops=config["crops"],
-        code=code_hash("faces/crops.py", "faces/landmarks.py"),
+        code=code_hash("faces/crops.py", "faces/cli.py", "faces/landmarks.py"),
     log:
         R("logs/crops/{shard}.log"),
     shell:
         "{MF} crops --manifest {input.shard} --faces {input.faces} --out {output.crops}"
         " --margin {params.crops[margin]} --max-face-area-fraction {params.crops[max_face_area_fraction]}"
         " --reference-region {params.crops[reference_region]} --reference-pad {params.crops[reference_pad]}"
-        " > {log} 2>&1"
+        " --faces-ledger {input.faces_ledger} --ledger {output.ledger} > {log} 2>&1"

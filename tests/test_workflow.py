@@ -1,0 +1,180 @@
+"""The whole DAG on a tiny config, run ONCE per test session and inspected by the tests below.
+
+Also: bad inputs are recorded and the run goes on; partial reruns touch only what a change affects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import LONDON_512, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(work: Path) -> dict:
+    """The real pipeline, small: 14 people (+ a folder of awkward files), 64 px models, one epoch."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["run_name"] = "tiny"
+    cfg["results_dir"] = str(work / "results")
+    cfg["shard_size"] = 8
+    cfg["sources"] = [
+        {"name": "london", "kind": "folder", "root": str(LONDON_512),
+         "include": ["neutral_front/00[1-9]_03.jpg", "neutral_front/01[0-2]_03.jpg", "lisa/**", "zoom/**"],
+         "identity": {"rule": "regex", "pattern": r"(\d{3})_\d{2}\.[A-Za-z]+$", "fallback": "folder"}},
+        {"name": "odd", "kind": "folder", "root": str(work / "odd"), "identity": {"rule": "file"}},
+    ]
+    cfg["split"] = {"fractions": {"train": 0.5, "val": 0.2, "test": 0.3}, "seed": 1}
+    cfg["forge"]["methods"] = ["sbi", "random_combination"]
+    cfg["faces"]["upsample"] = 0
+    cfg["features"].update({"lfdl_size": 64, "mitl_size": 64})
+    cfg["lfdl"]["size"] = 64
+    cfg["mitl"]["size"] = 64
+    for m in ("lfdl", "mitl"):
+        cfg[m]["train"].update({"epochs": 1, "batch_size": 4, "checkpoint_every": 1000})
+    cfg["evaluate"].update({"bootstrap": 50, "panels": 2})
+    return cfg
+
+
+def make_odd_inputs(folder: Path, bad_inputs: dict[str, Path]) -> None:
+    """Files the pipeline must record and skip (corrupt, not an image) or convert (CMYK, grey, EXIF-rotated)."""
+    folder.mkdir(parents=True)
+    for kind in ("corrupt_jpeg", "text_as_jpg", "cmyk", "grayscale", "exif_rotated"):
+        shutil.copy(bad_inputs[kind], folder / f"{kind}{bad_inputs[kind].suffix}")
+
+
+def snakemake(work: Path, *args: str, config: Path | None = None, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(config or work / "config.yaml"), "--cores", "2", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and r.returncode:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((work / "results").rglob("*.log"))
+                         if "rror" in p.read_text())
+        raise AssertionError(f"snakemake failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}\n{logs}")
+    return r
+
+
+class Run:
+    def __init__(self, work: Path, cfg: dict):
+        self.work, self.cfg = work, cfg
+        self.dir = Path(cfg["results_dir"]) / cfg["run_name"]
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory, bad_inputs) -> Run:
+    work = tmp_path_factory.mktemp("e2e")
+    make_odd_inputs(work / "odd", bad_inputs)
+    cfg = tiny_config(work)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work)
+    return Run(work, cfg)
+
+
+def planned_jobs(work: Path, config: Path | None = None, env: dict | None = None) -> dict[str, int]:
+    """{rule: count} of what a dry run would execute now."""
+    r = snakemake(work, "-n", "--quiet", "rules", config=config, env=env)
+    counts, in_table = {}, False
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+            continue
+        if in_table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------- the run
+def test_every_stage_wrote_its_outputs(e2e):
+    d = e2e.dir
+    manifest = pd.read_parquet(d / "manifest/manifest.parquet")
+    shards = pd.read_csv(d / "manifest/shards.csv")
+    for s in shards["shard"]:
+        for f in (f"faces/{s}.parquet", f"crops/{s}.parquet", f"features/lfdl/{s}.npz", f"features/mitl/{s}.npz"):
+            assert (d / f).exists(), f
+    for m in ("lfdl", "mitl"):
+        assert (d / "models" / m / "model.pt").exists()
+        assert len(pd.read_csv(d / "models" / m / "metrics.csv")) >= 1
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) and set(test["label"]) == {0, 1}
+    for v in e2e.cfg["fusion"]["variants"]:
+        rows = pd.concat([pd.read_parquet(p) for p in (d / "evaluate" / v).glob("*.parquet")])
+        assert set(rows["image_id"]) <= set(test["image_id"])
+    assert (d / "figures" / "roc.png").exists() and (d / "figures" / "pr.png").exists()
+
+
+def test_ablation_table_has_the_papers_rows_with_intervals(e2e):
+    table = pd.read_csv(e2e.dir / "tables" / "ablation.csv")
+    variants = list(table.iloc[:, 0])
+    assert variants == ["lfdl", "mitl", "lfdl_score_mitl_mask", "naive_or", "mdmf", "closing_or"]
+    md = (e2e.dir / "tables" / "ablation.md").read_text()
+    assert "per_image" in md and "fake_only" in md
+    cols = " ".join(table.columns).lower()
+    for c in ("auc", "f1", "iou", "final"):
+        assert c in cols
+
+
+def test_no_person_in_two_splits_and_forgeries_follow_their_sources(e2e):
+    m = pd.read_parquet(e2e.dir / "manifest/manifest.parquet")
+    assert (m.groupby("group")["split"].nunique() == 1).all()
+    split_of = dict(zip(m["image_id"], m["split"]))
+    fakes = m[m["label"] == 1]
+    assert len(fakes) and set(fakes["method"]) == {"sbi", "random_combination"}
+    for ids, split in zip(fakes["source_ids"], fakes["split"]):
+        assert all(split_of[i] == split for i in ids.split("|") if i)
+
+
+def test_bad_inputs_are_recorded_and_the_run_goes_on(e2e):
+    ledgers = pd.concat([pd.read_csv(p) for p in (e2e.dir / "ledger").rglob("*.csv") if p.stat().st_size],
+                        ignore_index=True)
+    bad = ledgers[ledgers["image_id"].str.startswith("odd__")]
+    assert {"odd__corrupt_jpeg", "odd__text_as_jpg"} <= set(bad["image_id"])
+    assert not bad["image_id"].isin(["odd__cmyk", "odd__grayscale", "odd__exif_rotated"]).any()
+    assert bad["reason"].str.len().gt(0).all() and not bad["reason"].str.contains("\n").any()
+    crops = pd.concat(pd.read_parquet(p) for p in (e2e.dir / "crops").glob("*.parquet"))
+    assert {"odd__cmyk", "odd__grayscale", "odd__exif_rotated"} <= set(crops["image_id"])
+
+
+# ---------------------------------------------------------------------------------------------- reruns
+def _variant_config(e2e, tmp_path, edit) -> Path:
+    cfg = yaml.safe_load((e2e.work / "config.yaml").read_text())
+    edit(cfg)
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_nothing_to_do_after_a_complete_run(e2e):
+    assert planned_jobs(e2e.work) == {}
+
+
+def test_a_fusion_parameter_reruns_fusion_and_evaluation_only(e2e, tmp_path):
+    cfg = _variant_config(e2e, tmp_path, lambda c: c["fusion"].update(kernel=3))
+    assert set(planned_jobs(e2e.work, cfg)) == {"fuse", "evaluate", "tables", "all"}
+
+
+def test_an_lfdl_training_parameter_leaves_mitl_alone(e2e, tmp_path):
+    cfg = _variant_config(e2e, tmp_path, lambda c: c["lfdl"]["train"].update(lr=1e-4))
+    assert set(planned_jobs(e2e.work, cfg)) == {"train_lfdl", "predict_lfdl", "fuse", "evaluate", "tables", "all"}
+
+
+def test_editing_the_fusion_code_reruns_fusion_and_evaluation_only(e2e, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "morphfuse", src / "morphfuse")
+    with open(src / "morphfuse" / "fusion.py", "a") as f:
+        f.write("\n# an edit\n")
+    env = dict(os.environ, PYTHONPATH=str(src))
+    assert set(planned_jobs(e2e.work, env=env)) == {"fuse", "evaluate", "tables", "all"}
