@@ -29,7 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("fuse", "morphfuse.fusion", "fuse LFDL and MITL masks (MDMF and the ablation variants)"),
     ("evaluate", "morphfuse.evaluate", "detection and localization metrics of predictions against ground truth"),
     ("tables", "morphfuse.tables", "reduce per-shard evaluations to the ablation tables and figures"),
-    ("report", "morphfuse.report", "provenance and report inputs for a finished run"),
+    ("provenance", "morphfuse.provenance", "provenance.json of a run: config and hash, versions, git, machine, times"),
     ("export", "morphfuse.export", "bundle trained models, their config and a model card"),
     ("detect", "morphfuse.detect", "apply a model bundle to new images: scores, masks and overlays"),
 ]

@@ -69,8 +69,8 @@ if config["predictions"]["source"] == "models":
             log:
                 R("logs", f"predict_{_model}", "{shard}.log"),
             shell:
-                "{MF} predict {params.model} --model {input.model} --features {input.features}"
-                " --manifest {input.shard} --out {params.out} > {log} 2>&1"
+                "{MF} predict {params.model} --config {CONFIG} --model {input.model} --features {input.features}"
+                " --manifest {input.shard} --out {params.out} --no-progress > {log} 2>&1"
 
 else:
     for _model in ("lfdl", "mitl"):
