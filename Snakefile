@@ -9,6 +9,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/faces.smk"
@@ -21,4 +24,5 @@ include: "workflow/rules/evaluate.smk"
 rule all:
     input:
         rules.tables.output,
+        rules.report.output,
     default_target: True

@@ -106,8 +106,20 @@ PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
         self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
 
+    def _srun_shim(self) -> None:
+        """Inside a job, Snakemake's jobstep executor drops every SLURM_* variable (SLURM_CONF included) before it
+        calls srun. A real cluster's clients find /etc/slurm/slurm.conf; ours lives in a temp folder, so a shim
+        first on PATH (exported to jobs) points the real srun at it instead of writing into /etc."""
+        bin_dir = self.dir / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        shim = bin_dir / "srun"
+        shim.write_text(f"#!/bin/sh\nSLURM_CONF={self.dir / 'slurm.conf'} exec {_which('srun')} \"$@\"\n")
+        shim.chmod(0o755)
+        self.env["PATH"] = f"{bin_dir}:{self.env.get('PATH', '')}"
+
     def start(self, timeout: float = 60) -> "LocalSlurm":
         self._write_conf()
+        self._srun_shim()
         # munge: our own daemon on our own socket, so nothing of the machine's is touched or stopped.
         # munged runs as user munge, which cannot enter root's 0700 temp folders: give it its own folder in /tmp.
         self.munge_dir = Path(tempfile.mkdtemp(prefix="morphfuse-munge-"))

@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("fuse", "morphfuse.fusion", "fuse LFDL and MITL masks (MDMF and the ablation variants)"),
     ("evaluate", "morphfuse.evaluate", "detection and localization metrics of predictions against ground truth"),
     ("tables", "morphfuse.tables", "reduce per-shard evaluations to the ablation tables and figures"),
+    ("report", "morphfuse.report", "training curves, contact sheets, ledger counts and provenance for the report"),
     ("provenance", "morphfuse.provenance", "provenance.json of a run: config and hash, versions, git, machine, times"),
     ("export", "morphfuse.export", "bundle trained models, their config and a model card"),
     ("detect", "morphfuse.detect", "apply a model bundle to new images: scores, masks and overlays"),

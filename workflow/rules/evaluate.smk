@@ -48,13 +48,16 @@ rule tables:
         manifest=R("manifest/manifest.parquet"),
     output:
         table_md=R("tables/ablation.md"),
-        table_csv=R("tables/ablation.csv"),
-        figures=directory(R("figures")),
+        table_csv=report(R("tables/ablation.csv"), caption="../report/ablation.rst", category="1. Ablation"),
+        roc=report(R("figures/roc.png"), caption="../report/roc.rst", category="2. Detection"),
+        pr=report(R("figures/pr.png"), caption="../report/pr.rst", category="2. Detection"),
+        panels=report(R("figures/panels.png"), caption="../report/panels.rst", category="3. Localization"),
     params:
         out=R("tables"),
+        figures=R("figures"),
         fused=R("fuse", "mdmf" if "mdmf" in config["fusion"]["variants"] else config["fusion"]["variants"][-1]),
         bootstrap=EV.get("bootstrap", 1000),
-        panels=EV.get("panels", 6),
+        panels=max(1, EV.get("panels", 6)),
         seed=config["seed"],
         lfdl=R("predict/lfdl"),
         mitl=R("predict/mitl"),
@@ -64,6 +67,29 @@ rule tables:
         R("logs/tables.log"),
     shell:
         "{MF} tables --counts {input.counts} --ledgers {input.ledgers} --out {params.out}"
-        " --figures {output.figures} --bootstrap {params.bootstrap} --seed {params.seed} {params.convention}"
+        " --figures {params.figures} --bootstrap {params.bootstrap} --seed {params.seed} {params.convention}"
         " --panels {params.panels} --manifest {input.manifest} --lfdl-masks {params.lfdl}"
         " --mitl-masks {params.mitl} --fused-masks {params.fused} > {log} 2>&1"
+
+
+rule report:
+    input:
+        table=rules.tables.output.table_csv,
+        models=[R("models", m, "metrics.csv") for m in ("lfdl", "mitl")],
+        manifest=R("manifest/manifest.parquet"),
+    output:
+        curves=report(R("report/training_curves.png"), caption="../report/training.rst", category="4. Training"),
+        ablation=report(R("report/ablation.html"), caption="../report/ablation.rst", category="1. Ablation"),
+        ledger=report(R("report/ledger_counts.csv"), caption="../report/ledger.rst", category="6. Errors"),
+        sheets=[report(R("report", f"contact_sheet_{m}.png"), caption="../report/contact_sheet.rst",
+                       category="5. Forgeries", subcategory=m) for m in config["forge"]["methods"]],
+        attribution=report(R("report/attribution.html"), caption="../report/attribution.rst", category="7. Data"),
+        provenance=R("provenance.json"),
+    params:
+        out=R("report"),
+        run=str(RUN),
+        code=code_hash("report.py", "provenance.py", "forge/contact_sheet.py"),
+    log:
+        R("logs/report.log"),
+    shell:
+        "{MF} report --run-dir {params.run} --config {CONFIG} --out {params.out} > {log} 2>&1"

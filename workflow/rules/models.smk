@@ -12,7 +12,7 @@ def _launcher(model):
 
 def _model_params(model):
     """Everything of the model's config block that changes the trained weights (not the paper block)."""
-    return {k: v for k, v in config[model].items() if k not in ("paper", "gpus")}
+    return {k: v for k, v in config[model].items() if k not in ("paper", "gpus", "threads")}
 
 
 MODEL_CODE = {
@@ -37,12 +37,13 @@ for _model in ("lfdl", "mitl"):
             options=_model_params(_model),
             seed=config["seed"],
             code=MODEL_CODE[_model],
+        threads: int(config[_model].get("threads", 1))
         resources:
             gpu=int(config[_model].get("gpus", 1)),
         log:
             R("logs", f"train_{_model}.log"),
         shell:
-            "{params.launcher} train {params.model} --config {CONFIG} --features {input.features}"
+            "OMP_NUM_THREADS={threads} {params.launcher} train {params.model} --config {CONFIG} --features {input.features}"
             " --out {params.out} --resume auto > {log} 2>&1"
 
 
@@ -64,12 +65,13 @@ if config["predictions"]["source"] == "models":
                 out=lambda wc, m=_model: R("predict", m, wc.shard),
                 score=(config["mitl"].get("score") or {}) if _model == "mitl" else {},
                 code=code_hash("predict.py", "models", "srm.py", "dct.py", "features.py"),
+            threads: 1
             resources:
                 gpu=1,
             log:
                 R("logs", f"predict_{_model}", "{shard}.log"),
             shell:
-                "{MF} predict {params.model} --config {CONFIG} --model {input.model} --features {input.features}"
+                "OMP_NUM_THREADS={threads} {MF} predict {params.model} --config {CONFIG} --model {input.model} --features {input.features}"
                 " --manifest {input.shard} --out {params.out} --no-progress > {log} 2>&1"
 
 else:

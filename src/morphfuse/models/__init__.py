@@ -16,7 +16,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "mitl": ("morphfuse.models.mitl", "MITL"),
 }
 # keys of a config model block that belong to the workflow, not to the network
-NON_MODEL_KEYS = frozenset({"size", "train", "gpus", "paper"})
+# Keys of a model's config block that configure the workflow, not the network (the one list of them).
+NON_MODEL_KEYS = frozenset({"size", "train", "gpus", "threads", "paper"})
 
 
 def model_module(name: str):

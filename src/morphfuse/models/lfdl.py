@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..srm import srm_residuals
+from . import NON_MODEL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ CLS_CHANNELS = (64, 128, 256, 728, 728)  # y0, y1, y2, y3, y5
 EXIT_CHANNELS = 2048
 MPFF_CHANNELS = 512
 MIDDLE = (range(4, 8), range(8, 12))  # blocks 4–7, blocks 8–11
-WORKFLOW_KEYS = frozenset({"train", "gpus", "paper"})  # keys of the config's lfdl block that are not model options
+WORKFLOW_KEYS = NON_MODEL_KEYS  # keys of the config's lfdl block that are not model options
 
 
 # ----------------------------------------------------------------------------------------------- grid helpers

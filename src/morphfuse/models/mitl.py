@@ -47,11 +47,12 @@ from transformers import SegformerConfig, SegformerModel
 
 from morphfuse.dct import LOW_BANDS, dct_bands
 from morphfuse.errors import UserError
+from morphfuse.models import NON_MODEL_KEYS
 
 SIZE_MULTIPLE = 32
 SCORE_RULES = ("max", "top_percent")
 # Keys of the config's ``mitl:`` block that configure other stages, not the network.
-_NOT_MODEL_OPTIONS = ("gpus", "paper", "train")
+_NOT_MODEL_OPTIONS = tuple(sorted(NON_MODEL_KEYS - {"size"}))
 
 # MiT-B3 (MITL.md): embed dims, heads, depths, spatial-reduction ratios, MLP ratio 4, overlapping patch embeddings.
 MIT_B3 = dict(

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..errors import UserError
 from ..imageio import write_csv
+from ..models import NON_MODEL_KEYS
 from . import checkpoint as ckpt
 from .data import FeatureDataset, batches_of, epoch_order, eval_batches, feature_paths, fingerprint, load_splits
 
@@ -59,7 +60,7 @@ class TrainingInterrupted(UserError):
     """A stop signal arrived; a checkpoint was written and the run can be resumed."""
 # Keys of a model block that are not network options (everything else is passed to the model builder; the same
 # set as morphfuse.models.NON_MODEL_KEYS).
-NON_OPTIONS = ("train", "size", "gpus", "paper")
+NON_OPTIONS = tuple(sorted(NON_MODEL_KEYS))
 
 
 # --------------------------------------------------------------------------------------------- settings
