@@ -37,7 +37,6 @@ def tiny_config(work: Path) -> dict:
     cfg["split"] = {"fractions": {"train": 0.5, "val": 0.2, "test": 0.3}, "seed": 1}
     cfg["forge"]["methods"] = ["sbi", "random_combination"]
     cfg["faces"]["upsample"] = 0
-    cfg["features"].update({"lfdl_size": 64, "mitl_size": 64})
     cfg["lfdl"]["size"] = 64
     cfg["mitl"]["size"] = 64
     for m in ("lfdl", "mitl"):

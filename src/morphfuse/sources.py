@@ -198,33 +198,20 @@ def index_ddl(src: dict, ledger: Ledger) -> list[dict]:
 
 
 def index_generators(src: dict, ledger: Ledger) -> list[dict]:
-    """External generators' outputs: ``<root>/<method>/{fake,mask|masks}/`` with a mask per fake (same stem)."""
-    root = Path(src["root"])
+    """External generators' outputs: ``<root>/<method>/{fake,mask|masks}/`` with a mask per fake (same stem).
+
+    The checks (mask present, same size, binary, not empty) are those of ``morphfuse forge import``; the
+    identity rule sees ``<method>/<path under fake/>``.
+    """
+    from .forge.importer import import_generated
+
     ident = IdentityRule(**(src.get("identity") or {}))
-    methods = src.get("methods") or sorted(p.name for p in root.iterdir() if (p / "fake").is_dir())
-    rows = []
-    for method in methods:
-        d = root / method / "fake"
-        if not d.is_dir():
-            raise UserError(f"{d}: missing (source {src['name']!r} lists method {method!r})")
-        rels = [f"{method}/fake/{r}" for r in _walk_images(d, None, None)]
-        ids = _unique_ids(rels, src["name"])
-        for rel in rels:
-            size = image_size(root / rel)
-            if size is None:
-                ledger.add(ids[rel], root / rel, "unreadable image header (corrupt, truncated or not an image)")
-                continue
-            m = _find_mask([root / method / "mask", root / method / "masks"], Path(rel).stem)
-            if m is None:
-                ledger.add(ids[rel], root / rel, f"fake without a mask (looked in {method}/mask and {method}/masks)")
-                continue
-            msize = image_size(m)
-            if msize != size:
-                ledger.add(ids[rel], m, f"mask is {msize} but its image is {size} (width, height)")
-                continue
-            rows.append(_row(ids[rel], root, rel, 1, os.path.relpath(m, root), src["name"], method,
-                             ident(Path(rel).name), src.get("split") or "", size))
-    return rows
+    df = import_generated(src["root"], src.get("methods"), split=src.get("split") or "",
+                          identity=lambda method, rel: ident(f"{method}/{rel}"), ledger=ledger,
+                          source=src["name"])
+    df["image_id"] = src["name"] + "__" + df["image_id"]
+    df["source_groups"] = df["group"]
+    return df.to_dict("records")
 
 
 INDEXERS = {"folder": index_folder, "ddl": index_ddl, "generators": index_generators}

@@ -83,7 +83,8 @@ def import_generated(root: str | os.PathLike, methods: list[str] | None = None, 
                      ledger: Ledger | None = None, source: str = "import", progress: bool = False) -> pd.DataFrame:
     """Manifest rows for every valid ``<root>/<method>/fake`` image; refused ones go to ``ledger``.
 
-    ``identity(method, relative_stem) -> group`` maps a file to the person shown (default: each file its own).
+    ``identity(method, relative_path) -> group`` maps a file (its path under ``<method>/fake/``, extension included)
+    to the person shown (default: each file its own identity, ``<method>/<relative stem>``).
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -124,7 +125,8 @@ def import_generated(root: str | os.PathLike, methods: list[str] | None = None, 
             rows.append({
                 "image_id": image_id, "root": str(root), "path": fake.relative_to(root).as_posix(), "label": 1,
                 "mask_path": mpath.relative_to(root).as_posix(), "source": source, "method": method,
-                "group": identity(method, rel_stem) if identity else f"{method}/{rel_stem}",
+                "group": (identity(method, fake.relative_to(mdir / "fake").as_posix()) if identity
+                          else f"{method}/{rel_stem}"),
                 "source_groups": "", "source_ids": "", "split": split, "width": int(w), "height": int(h)})
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.astype({"label": "int64", "width": "int64", "height": "int64"})
