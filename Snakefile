@@ -19,10 +19,12 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/fusion.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         rules.tables.output,
         rules.report.output,
+        rules.export.output,
     default_target: True

@@ -55,3 +55,17 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     stored.save(p, exif=exif, quality=95); out["exif_rotated"] = p
     shutil.copy(src, d / "good.jpg"); out["good"] = d / "good.jpg"
     return out
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory, bad_inputs):
+    """The whole DAG, run ONCE per test session on a tiny config (tests/e2e_run.py), for the tests to inspect."""
+    from e2e_run import Run, make_odd_inputs, snakemake, tiny_config
+    import yaml
+
+    work = tmp_path_factory.mktemp("e2e")
+    make_odd_inputs(work / "odd", bad_inputs)
+    cfg = tiny_config(work)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work)
+    return Run(work, cfg)

@@ -229,7 +229,7 @@ def model_card(meta: dict, cfg: dict, data: dict | None, ablation_md: str | None
         parts.append("training finished" if e.get("finished") else "**training did not finish**")
         return "; ".join(parts)
 
-    L = [f"# Model card: morphfuse LFDL + MITL (fused by MDMF)", "",
+    L = ["# Model card: morphfuse LFDL + MITL (fused by MDMF)", "",
          f"Bundle format {meta['format_version']}, morphfuse {meta['morphfuse_version']}, created "
          f"{meta['created']}" + (f", git {meta['git']['commit'][:12]}{' (dirty tree)' if meta['git']['dirty'] else ''}"
                                  if meta.get("git") else "") + f", config hash `{meta['config']['hash']}`.", "",

@@ -117,3 +117,11 @@ def qualitative_panel(rows: list[PanelRow], path: str | os.PathLike, fused_name:
         axes[i, 0].set_ylabel(f"{r.image_id}\n{r.label}".strip(), fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+def message_figure(text: str, path: str | os.PathLike) -> None:
+    """A small figure that only states ``text`` (for a figure that has nothing to show, and says why)."""
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    _save(fig, path)

@@ -407,9 +407,13 @@ def run(args: argparse.Namespace) -> int:
             fv = args.fused_variant
             if fv not in frames:
                 raise UserError(f"--fused-variant {fv}: no such variant in the counts ({', '.join(variants)})")
-            if make_panels(frames, fv, args.manifest, args.lfdl_masks, args.mitl_masks, args.fused_masks,
-                           args.panels, args.seed, conv.threshold, fig_dir / "panels.png"):
-                figures.append("panels.png")
+            if not make_panels(frames, fv, args.manifest, args.lfdl_masks, args.mitl_masks, args.fused_masks,
+                               args.panels, args.seed, conv.threshold, fig_dir / "panels.png"):
+                # Still write the figure the workflow expects, saying why it is empty.
+                from .plots import message_figure  # noqa: PLC0415
+
+                message_figure(f"No manipulated image with a valid {fv} prediction to show.", fig_dir / "panels.png")
+            figures.append("panels.png")
         result["figures"] = [str(fig_dir / f) for f in figures]
     write_text_atomic(out / "tables.json", json.dumps(_clean(result), indent=2, default=_json_default) + "\n")
     print(ablation_markdown(table, conv, args.score_threshold, args.bootstrap, args.confidence, args.seed, notes)

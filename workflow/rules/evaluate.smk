@@ -6,6 +6,10 @@ CONVENTION = (f"--averaging {EV.get('averaging', 'per_image')} --images {EV.get(
               f" --threshold {EV.get('threshold', 0.5)}")
 
 
+# The fused variant shown in the qualitative panels: MDMF when it is run.
+PANEL_VARIANT = "mdmf" if "mdmf" in config["fusion"]["variants"] else config["fusion"]["variants"][-1]
+
+
 def _scores_for(variant):
     # Detection comes from LFDL (the paper); the `mitl` row scores images from its own mask.
     return "mitl" if variant == "mitl" else "lfdl"
@@ -55,7 +59,8 @@ rule tables:
     params:
         out=R("tables"),
         figures=R("figures"),
-        fused=R("fuse", "mdmf" if "mdmf" in config["fusion"]["variants"] else config["fusion"]["variants"][-1]),
+        fused=R("fuse", PANEL_VARIANT),
+        fused_variant=PANEL_VARIANT,
         bootstrap=EV.get("bootstrap", 1000),
         panels=max(1, EV.get("panels", 6)),
         seed=config["seed"],
@@ -69,27 +74,6 @@ rule tables:
         "{MF} tables --counts {input.counts} --ledgers {input.ledgers} --out {params.out}"
         " --figures {params.figures} --bootstrap {params.bootstrap} --seed {params.seed} {params.convention}"
         " --panels {params.panels} --manifest {input.manifest} --lfdl-masks {params.lfdl}"
-        " --mitl-masks {params.mitl} --fused-masks {params.fused} > {log} 2>&1"
+        " --mitl-masks {params.mitl} --fused-masks {params.fused} --fused-variant {params.fused_variant}"
+        " > {log} 2>&1"
 
-
-rule report:
-    input:
-        table=rules.tables.output.table_csv,
-        models=[R("models", m, "metrics.csv") for m in ("lfdl", "mitl")],
-        manifest=R("manifest/manifest.parquet"),
-    output:
-        curves=report(R("report/training_curves.png"), caption="../report/training.rst", category="4. Training"),
-        ablation=report(R("report/ablation.html"), caption="../report/ablation.rst", category="1. Ablation"),
-        ledger=report(R("report/ledger_counts.csv"), caption="../report/ledger.rst", category="6. Errors"),
-        sheets=[report(R("report", f"contact_sheet_{m}.png"), caption="../report/contact_sheet.rst",
-                       category="5. Forgeries", subcategory=m) for m in config["forge"]["methods"]],
-        attribution=report(R("report/attribution.html"), caption="../report/attribution.rst", category="7. Data"),
-        provenance=R("provenance.json"),
-    params:
-        out=R("report"),
-        run=str(RUN),
-        code=code_hash("report.py", "provenance.py", "forge/contact_sheet.py"),
-    log:
-        R("logs/report.log"),
-    shell:
-        "{MF} report --run-dir {params.run} --config {CONFIG} --out {params.out} > {log} 2>&1"

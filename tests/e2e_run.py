@@ -1,0 +1,59 @@
+"""The tiny end-to-end run shared by the tests (one per pytest session; the fixture is in conftest.py)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import LONDON_512, REPO
+
+
+def tiny_config(work: Path) -> dict:
+    """The real pipeline, small: 14 people (+ a folder of awkward files), 64 px models, one epoch."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["run_name"] = "tiny"
+    cfg["results_dir"] = str(work / "results")
+    cfg["shard_size"] = 8
+    cfg["sources"] = [
+        {"name": "london", "kind": "folder", "root": str(LONDON_512),
+         "include": ["neutral_front/00[1-9]_03.jpg", "neutral_front/01[0-2]_03.jpg", "lisa/**", "zoom/**"],
+         "identity": {"rule": "regex", "pattern": r"(\d{3})_\d{2}\.[A-Za-z]+$", "fallback": "folder"}},
+        {"name": "odd", "kind": "folder", "root": str(work / "odd"), "identity": {"rule": "file"}},
+    ]
+    cfg["split"] = {"fractions": {"train": 0.5, "val": 0.2, "test": 0.3}, "seed": 1}
+    cfg["forge"]["methods"] = ["sbi", "random_combination"]
+    cfg["faces"]["upsample"] = 0
+    cfg["lfdl"]["size"] = 64
+    cfg["mitl"]["size"] = 64
+    for m in ("lfdl", "mitl"):
+        cfg[m]["train"].update({"epochs": 1, "batch_size": 4, "checkpoint_every": 1000})
+    cfg["evaluate"].update({"bootstrap": 50, "panels": 2})
+    return cfg
+
+
+def make_odd_inputs(folder: Path, bad_inputs: dict[str, Path]) -> None:
+    """Files the pipeline must record and skip (corrupt, not an image) or convert (CMYK, grey, EXIF-rotated)."""
+    folder.mkdir(parents=True)
+    for kind in ("corrupt_jpeg", "text_as_jpg", "cmyk", "grayscale", "exif_rotated"):
+        shutil.copy(bad_inputs[kind], folder / f"{kind}{bad_inputs[kind].suffix}")
+
+
+def snakemake(work: Path, *args: str, config: Path | None = None, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(config or work / "config.yaml"), "--cores", "2", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and r.returncode:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((work / "results").rglob("*.log"))
+                         if "rror" in p.read_text())
+        raise AssertionError(f"snakemake failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}\n{logs}")
+    return r
+
+
+class Run:
+    def __init__(self, work: Path, cfg: dict):
+        self.work, self.cfg = work, cfg
+        self.dir = Path(cfg["results_dir"]) / cfg["run_name"]
