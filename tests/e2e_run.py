@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
+from PIL import Image
 
 from conftest import LONDON_512, REPO
 
@@ -22,6 +24,7 @@ def tiny_config(work: Path) -> dict:
          "include": ["neutral_front/00[1-9]_03.jpg", "neutral_front/01[0-2]_03.jpg", "lisa/**", "zoom/**"],
          "identity": {"rule": "regex", "pattern": r"(\d{3})_\d{2}\.[A-Za-z]+$", "fallback": "folder"}},
         {"name": "odd", "kind": "folder", "root": str(work / "odd"), "identity": {"rule": "file"}},
+        {"name": "ext", "kind": "generators", "root": str(work / "generated"), "identity": {"rule": "file"}},
     ]
     cfg["split"] = {"fractions": {"train": 0.5, "val": 0.2, "test": 0.3}, "seed": 1}
     cfg["forge"]["methods"] = ["sbi", "random_combination"]
@@ -34,11 +37,27 @@ def tiny_config(work: Path) -> dict:
     return cfg
 
 
+ODD_CONVERTIBLE = ("cmyk", "grayscale", "exif_rotated", "png16", "rgba")  # used after conversion
+ODD_UNUSABLE = ("corrupt_jpeg", "truncated_png", "zero_byte", "text_as_jpg", "bomb")  # recorded and skipped
+
+
 def make_odd_inputs(folder: Path, bad_inputs: dict[str, Path]) -> None:
-    """Files the pipeline must record and skip (corrupt, not an image) or convert (CMYK, grey, EXIF-rotated)."""
+    """Issue 2's awkward inputs: a folder of odd real images, and an external generator's output with a good
+    fake, a fake without a mask and a mask of the wrong size."""
     folder.mkdir(parents=True)
-    for kind in ("corrupt_jpeg", "text_as_jpg", "cmyk", "grayscale", "exif_rotated"):
+    for kind in ODD_CONVERTIBLE + ODD_UNUSABLE:
         shutil.copy(bad_inputs[kind], folder / f"{kind}{bad_inputs[kind].suffix}")
+    gen = folder.parent / "generated" / "extswap"
+    (gen / "fake").mkdir(parents=True)
+    (gen / "mask").mkdir()
+    good = bad_inputs["good"]
+    w, h = Image.open(good).size
+    for name in ("ok", "nomask", "badmask"):
+        shutil.copy(good, gen / "fake" / f"{name}.jpg")
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: h // 2, w // 4: w // 2] = 255
+    Image.fromarray(mask).save(gen / "mask" / "ok.png")
+    Image.fromarray(mask[: h // 2, : w // 2]).save(gen / "mask" / "badmask.png")
 
 
 def snakemake(work: Path, *args: str, config: Path | None = None, env: dict | None = None,

@@ -104,7 +104,7 @@ def test_generators_layout(tmp_path):
 def test_manifest_shards_never_mix_splits():
     idx = pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(10)], "split": ["train"] * 7 + ["test"] * 3,
                         "label": 0})
-    for c in ["root", "path", "mask_path", "source", "method", "group", "source_groups", "source_ids"]:
+    for c in ["root", "path", "mask_path", "source", "method", "group", "source_groups", "source_ids", "fingerprint"]:
         idx[c] = ""
     idx["width"] = idx["height"] = 8
     m = build_manifest(idx, [], shard_size=3)

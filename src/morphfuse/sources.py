@@ -18,7 +18,7 @@ from .imageio import IMAGE_EXTENSIONS, is_image_file
 from .ledger import Ledger
 
 MANIFEST_COLUMNS = ["image_id", "root", "path", "label", "mask_path", "source", "method", "group",
-                    "source_groups", "source_ids", "split", "width", "height"]
+                    "source_groups", "source_ids", "split", "width", "height", "fingerprint"]
 SPLITS = ("train", "val", "test")
 _EXIF_ORIENTATION = 274
 
@@ -104,10 +104,25 @@ def _walk_images(root: Path, include: list[str] | None, exclude: list[str] | Non
     return out
 
 
+def file_fingerprint(*paths: str | os.PathLike) -> str:
+    """Size and modification time of the files a row points at.
+
+    Shard files list images by path; this column makes a shard's bytes change when an image it lists changes,
+    so Snakemake reruns the shard's stages then (and only then: it skips inputs whose checksum is unchanged).
+    """
+    parts = []
+    for p in paths:
+        st = os.stat(p)
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def _row(image_id, root, rel, label, mask_rel, source, method, group, split, size) -> dict:
+    files = [Path(root) / rel] + ([Path(root) / mask_rel] if mask_rel else [])
     return {"image_id": image_id, "root": str(root), "path": rel, "label": int(label), "mask_path": mask_rel,
             "source": source, "method": method, "group": str(group), "source_groups": str(group),
-            "source_ids": "", "split": split, "width": int(size[0]), "height": int(size[1])}
+            "source_ids": "", "split": split, "width": int(size[0]), "height": int(size[1]),
+            "fingerprint": file_fingerprint(*files)}
 
 
 def _unique_ids(rels: list[str], source: str) -> dict[str, str]:
@@ -211,7 +226,28 @@ def index_generators(src: dict, ledger: Ledger) -> list[dict]:
                           source=src["name"])
     df["image_id"] = src["name"] + "__" + df["image_id"]
     df["source_groups"] = df["group"]
+    df["fingerprint"] = [file_fingerprint(Path(r) / p, Path(r) / m)
+                         for r, p, m in zip(df["root"], df["path"], df["mask_path"])]
     return df.to_dict("records")
+
+
+def folders_fingerprint(roots) -> str:
+    """A hash of every folder's path and modification time below the source roots (folders only: cheap even for
+    millions of files). Adding, removing or renaming an image changes its folder's mtime, so the workflow passes
+    this to the index rule as a param and re-indexes then; an image edited in place keeps its folder's mtime (rerun
+    with ``snakemake -R index``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            h.update(f"missing:{root}".encode())
+            continue
+        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+            dirnames.sort()
+            h.update(f"{os.path.relpath(dirpath, root)}:{os.stat(dirpath).st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 INDEXERS = {"folder": index_folder, "ddl": index_ddl, "generators": index_generators}

@@ -6,9 +6,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from morphfuse.config import config_hash, validate_config
+from morphfuse.config import config_hash, resolve_path, validate_config
 from morphfuse.errors import UserError
 from morphfuse.hashing import code_hash
+from morphfuse.sources import folders_fingerprint
 from morphfuse.stages.manifest import forge_shard_count
 
 try:

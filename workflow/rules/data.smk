@@ -8,7 +8,8 @@ checkpoint index:
     params:
         sources=config["sources"],
         split=config["split"],
-        code=code_hash("sources.py", "split.py", "stages/index.py", "imageio.py"),
+        folders=folders_fingerprint([resolve_path(s["root"]) for s in config["sources"]]),
+        code=code_hash("sources.py", "split.py", "stages/index.py", "imageio.py", "forge/importer.py"),
     log:
         R("logs/index.log"),
     shell:

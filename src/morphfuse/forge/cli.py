@@ -18,6 +18,7 @@ Same seed and index give the same bytes (fakes are PNG, lossless).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import logging
 import re
@@ -45,7 +46,7 @@ FACTORIES: dict[str, tuple[str, str]] = {
     "diffusion_inversion": ("morphfuse.forge.diffusion", "make_diffusion_inversion"),
 }
 ROW_COLUMNS = ["image_id", "root", "path", "label", "mask_path", "source", "method", "group", "source_groups",
-               "source_ids", "split", "width", "height"]
+               "source_ids", "split", "width", "height", "fingerprint"]
 INDEX_COLUMNS = ("image_id", "root", "path", "label", "group", "split")
 STAGE = "forge"
 
@@ -173,7 +174,9 @@ def forge_shard(index: pd.DataFrame, method: str, shard: int, shard_size: int, o
                          "mask_path": f"masks/{fid}.png", "source": "forge", "method": res.method,
                          "group": str(target["group"]), "source_groups": "|".join(res.source_groups),
                          "source_ids": "|".join(res.source_ids), "split": str(target["split"]),
-                         "width": int(w), "height": int(h)})
+                         "width": int(w), "height": int(h),
+                         # the generated content itself: identical reruns leave the manifest unchanged
+                         "fingerprint": hashlib.sha256(res.fake_rgb.tobytes() + res.mask.tobytes()).hexdigest()[:16]})
     if pool is not None:
         for image_id, path, reason in pool.failures:
             ledger.add(image_id, path, f"unusable as a donor: {reason}")
