@@ -102,7 +102,7 @@ def test_sides_must_be_multiples_of_32(model):
 def test_options_are_checked_and_the_config_block_is_accepted():
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())["mitl"]
     m = _meta(**cfg)  # size, low_band, pretrained, score, train, gpus, paper
-    assert (m.size, m.low_band, m.score_rule, m.score_percent) == (192, "l_shape", "top_percent", 1.0)
+    assert (m.size, m.low_band, m.score_rule, m.score_percent) == (cfg["size"], "l_shape", "top_percent", 1.0)
     for bad, match in [({"low_band": "round"}, "low_band"), ({"score": {"rule": "mean"}}, "score.rule"),
                        ({"score": {"percent": 0}}, "percent"), ({"dropout": 0.1}, "unknown option"),
                        ({"pretrained": {"resnet": None}}, "pretrained")]:

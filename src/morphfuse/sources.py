@@ -221,9 +221,12 @@ def index_generators(src: dict, ledger: Ledger) -> list[dict]:
     from .forge.importer import import_generated
 
     ident = IdentityRule(**(src.get("identity") or {}))
+    local = Ledger(ledger.stage)
     df = import_generated(src["root"], src.get("methods"), split=src.get("split") or "",
-                          identity=lambda method, rel: ident(f"{method}/{rel}"), ledger=ledger,
+                          identity=lambda method, rel: ident(f"{method}/{rel}"), ledger=local,
                           source=src["name"])
+    for row in local.rows:  # the same ids in the ledger as in the manifest
+        ledger.add(f"{src['name']}__{row['image_id']}", row["path"], row["reason"])
     df["image_id"] = src["name"] + "__" + df["image_id"]
     df["source_groups"] = df["group"]
     df["fingerprint"] = [file_fingerprint(Path(r) / p, Path(r) / m)
