@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_mitl.py                       # CPU forward at 512, batch 1
     .venv/bin/python benchmarks/bench_mitl.py --threads 1 --repeats 2
     .venv/bin/python benchmarks/bench_mitl.py --gpu-only --compile  # on a CUDA machine
+    .venv/bin/python benchmarks/bench_mitl.py --size 256 --threads 1 --fused  # + MITL.fuse_for_inference, same run
 
 GFLOPs are counted with torch.utils.flop_counter on the meta device (where SDPA runs as its bmm decomposition and
 is counted; the fused CPU SDPA kernel has no FLOP formula) plus the DCT bands counted on CPU. Training FLOPs are
@@ -27,10 +28,13 @@ RELEASE = {"params_M": 85.75, "gflops": 244.6, "train_img_s_bf16": 89, "train_im
            "infer_img_s_bf16": 253}
 
 
-def count_gflops(size: int) -> dict[str, float]:
-    """Forward GFLOPs per image at ``size`` by part (meta device: no memory, no compute)."""
+def count_gflops(size: int, fused: bool = False) -> dict[str, float]:
+    """Forward GFLOPs per image at ``size`` by part (meta device: no memory, no compute); ``fused``: after
+    ``MITL.fuse_for_inference()``."""
     with torch.device("meta"):
         model = MITL(size=size).eval()
+    if fused:
+        model.fuse_for_inference()
     z = lambda: torch.zeros(1, 3, size, size, device="meta")  # noqa: E731
     counter = FlopCounterMode(display=False, depth=3)
     with counter, torch.no_grad():
@@ -44,6 +48,31 @@ def count_gflops(size: int) -> dict[str, float]:
     parts["dct"] = dct_counter.get_total_flops() / 1e9
     parts["total"] = per["MITL"] + parts["dct"]
     return parts
+
+
+def bench_cpu_fused(size: int, repeats: int) -> dict[str, dict[str, float]]:
+    """CPU forward time of one model unfused and after ``fuse_for_inference()``, alternated (ABAB...) in one run
+    so that load on a shared machine hits both alike; also the largest logit difference between the two."""
+    torch.manual_seed(0)
+    model = MITL(size=size).eval()
+    batch = {"rgb": torch.rand(1, 3, size, size)}
+    times: dict[str, list[float]] = {"unfused": [], "fused": []}
+    with torch.no_grad():
+        ref = model(batch)["logits"]  # warm-up, unfused
+        model.fuse_for_inference()
+        diff = (model(batch)["logits"] - ref).abs().max().item()  # warm-up, fused
+        for _ in range(repeats):
+            for name in ("unfused", "fused"):
+                if name == "unfused":
+                    model.weighting.unfuse()
+                else:
+                    model.fuse_for_inference()
+                t = time.perf_counter()
+                model(batch)
+                times[name].append(time.perf_counter() - t)
+    out = {k: {"median_s": statistics.median(v), "min_s": min(v)} for k, v in times.items()}
+    out["fused"]["max_abs_logit_diff"] = diff
+    return out
 
 
 def bench_cpu(size: int, repeats: int) -> dict[str, float]:
@@ -115,6 +144,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed GPU steps")
     p.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
     p.add_argument("--gpu-only", action="store_true")
+    p.add_argument("--fused", action="store_true",
+                   help="also count and time (CPU, same run, alternated) MITL.fuse_for_inference()")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +163,18 @@ def main() -> None:
         print(f"CPU forward, batch 1, fp32, {cpu['threads']} thread(s): median {cpu['median_s']:.2f} s/image "
               f"(min {cpu['min_s']:.2f} s) -> {flops['total'] / cpu['median_s']:.1f} GFLOP/s implied "
               f"(best {flops['total'] / cpu['min_s']:.1f}).\n")
+    if args.fused:
+        fused_flops = count_gflops(args.size, fused=True)
+        print(f"Fused AMW block (MITL.fuse_for_inference): weighting {flops['weighting']:.2f} -> "
+              f"{fused_flops['weighting']:.2f} GFLOPs, total {flops['total']:.2f} -> {fused_flops['total']:.2f} "
+              f"({flops['total'] - fused_flops['total']:.2f} fewer).\n")
+        if not args.gpu_only:
+            t = bench_cpu_fused(args.size, args.repeats)
+            u, f = t["unfused"], t["fused"]
+            print(f"CPU forward, batch 1, fp32, {torch.get_num_threads()} thread(s), {args.repeats} alternated "
+                  f"pairs: unfused median {u['median_s']:.3f} s (min {u['min_s']:.3f}), fused median "
+                  f"{f['median_s']:.3f} s (min {f['min_s']:.3f}): fused/unfused {f['median_s'] / u['median_s']:.3f} "
+                  f"(min {f['min_s'] / u['min_s']:.3f}); max |logit difference| {f['max_abs_logit_diff']:.2e}.\n")
     if torch.cuda.is_available():
         gpu = bench_gpu(args.size, args.batch, args.steps, args.compile)
         train_tflops = 3 * flops["total"] * gpu["train_img_s"] / 1e3

@@ -4,6 +4,7 @@ Small inputs (64 px, batch 1-2) on CPU; the 512-px cost is counted on the meta d
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from morphfuse.dct import dct_bands
 from morphfuse.errors import UserError
 from morphfuse.models.mitl import (
     MITL,
+    WeightingNet,
     convnext_tiny_features,
     load_convnext_checkpoint,
     load_segformer_checkpoint,
@@ -145,6 +147,121 @@ def test_gflops_at_512_against_release():
     assert dct < 0.25  # low-rank projectors instead of the release's 6.4-GFLOP full transforms
     total = per["MITL"] + dct
     assert total == pytest.approx(244.6 - 6.4 + dct, abs=0.1)  # 238.4
+
+
+# ------------------------------------------------------------------------------- AMW fusion (inference only)
+# At 512 the AMW block runs at 256x256: the 1x1 convolutions 192->768 and 768->192 cost 2 * 2*192*768 FLOPs per
+# pixel, which fusing removes (the 3x3 192->192 stays, now with the composed weights).
+FUSION_SAVING_512 = 2 * 2 * 192 * 768 * 256 * 256 / 1e9  # 38.65 GFLOPs
+
+
+@contextmanager
+def _count_calls(module: torch.nn.Module):
+    calls: list[int] = []
+    hook = module.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def _pre_softmax(net: WeightingNet, x: torch.Tensor) -> torch.Tensor:
+    """The AMW net's conv_out output, in the net's dtype (its softmax is computed in float32)."""
+    seen = []
+    hook = net.conv_out.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        net(x)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_fused_amw_block_equals_the_three_convolutions_in_float64():
+    torch.manual_seed(0)
+    net = WeightingNet().double().eval()
+    x = torch.randn(2, 9, 40, 56, dtype=torch.float64)
+    with _count_calls(net.block[2]) as expand, torch.no_grad():
+        ref = _pre_softmax(net, x)
+        assert len(expand) == 1
+        net.fuse()
+        out = _pre_softmax(net, x)
+        assert len(expand) == 1  # the fused path skipped the 1x1 convolutions
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    # The fused weights follow the parameters: new values (load_state_dict) and a new dtype rebuild them.
+    torch.manual_seed(1)
+    other = WeightingNet().double().eval()
+    net.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_pre_softmax(net, x), _pre_softmax(other, x), rtol=0, atol=1e-10)
+        net.float()
+        assert _pre_softmax(net, x.float()).dtype == torch.float32
+
+
+def test_fuse_for_inference_keeps_the_outputs_and_the_weights(model):
+    batch = _batch(2)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(batch)
+    try:
+        assert model.fuse_for_inference() is model
+        model.fuse_for_inference()  # idempotent
+        with _count_calls(model.weighting.block[2]) as expand, torch.no_grad():
+            out = model(batch)
+            _, prob = model.predict_proba(batch)
+        assert not expand  # fused path
+        scale = float(ref["logits"].abs().max())
+        assert float((out["logits"] - ref["logits"]).abs().max()) <= 1e-4 * scale
+        torch.testing.assert_close(out["weights"], ref["weights"], rtol=0, atol=1e-5)
+        assert torch.equal(out["maps"], ref["maps"])  # the encoders and decoders are untouched
+        torch.testing.assert_close(prob, torch.sigmoid(ref["logits"]), rtol=0, atol=1e-5)
+        assert list(model.state_dict()) == keys  # the fused weights are a cache, not state
+        assert sum(p.numel() for p in model.parameters()) == sum(PARTS.values())
+    finally:
+        model.weighting.unfuse()
+
+
+def test_training_after_fusing_uses_the_three_convolutions(model):
+    convs = model.weighting.block[1:4]
+    try:
+        with pytest.raises(RuntimeError, match="eval"):
+            model.train().fuse_for_inference()
+        model.eval().fuse_for_inference()
+        model.train()  # unfuses
+        assert not model.weighting.fused
+        with _count_calls(convs[1]) as expand:
+            model.loss(model(_batch(1)), _batch(1))[0].backward()
+            assert len(expand) == 1
+            for conv in convs:
+                assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+            # Eval mode with gradients asked for (e.g. attribution): the original convolutions too.
+            model.zero_grad(set_to_none=True)
+            model.eval().fuse_for_inference()
+            model(_batch(1))["logits"].sum().backward()
+            assert len(expand) == 2 and all(c.weight.grad is not None for c in convs)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        model.weighting.unfuse()
+
+
+def test_fusing_saves_38_6_gflops_at_512():
+    m = _meta().eval()
+    meta = lambda: torch.zeros(1, 3, 512, 512, device="meta")  # noqa: E731
+
+    def count() -> dict[str, float]:
+        counter = FlopCounterMode(display=False, depth=2)
+        with counter, torch.no_grad():
+            m({"rgb": meta(), "dct_high": meta(), "dct_low": meta()})
+        return {k: sum(v.values()) / 1e9 for k, v in counter.get_flop_counts().items()}
+
+    before = count()
+    m.fuse_for_inference()
+    after = count()
+    assert before["MITL"] - after["MITL"] == pytest.approx(FUSION_SAVING_512, abs=1e-6)
+    assert FUSION_SAVING_512 == pytest.approx(38.65, abs=0.01)
+    assert before["MITL.weighting"] == pytest.approx(95.7, abs=0.05)
+    assert after["MITL.weighting"] == pytest.approx(95.7 - 38.65, abs=0.05)
 
 
 def test_attention_runs_through_sdpa(model, monkeypatch):

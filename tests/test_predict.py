@@ -9,7 +9,14 @@ import torch.nn as nn
 
 from morphfuse.errors import UserError
 from morphfuse.imageio import read_gray
-from morphfuse.predict import image_score_release, mask_score, paste_patch_map, predict_shard
+from morphfuse.predict import (
+    image_score_release,
+    lfdl_image_prob,
+    mask_score,
+    mitl_image_prob,
+    paste_patch_map,
+    predict_shard,
+)
 from morphfuse.training import checkpoint as ckpt
 
 
@@ -55,6 +62,37 @@ def test_mask_score_rules():
     assert mask_score(p, "top_percent", 1.5) == pytest.approx(1.75 / 3)  # 3 px
     assert mask_score(p, "top_percent", 0.01) == 1.0                   # at least one pixel
     assert mask_score(p, "top_percent", 100) == pytest.approx(1.75 / 200)
+
+
+def test_lfdl_image_prob_pastes_every_crop_and_scores_by_the_release_rule():
+    # a 6×8 image, two crops: a 2×2 map of 0.3 over box (0,0,4,4), a 1×1 map of 0.9 over (2,2,6,5): max where
+    # they overlap; score: only 0.9 is ≥ 0.5.
+    score, prob = lfdl_image_prob([0.3, 0.9], [np.full((2, 2), 0.3, np.float32), np.full((1, 1), 0.9, np.float32)],
+                                  [(0, 0, 4, 4), (2, 2, 6, 5)], (6, 8))
+    expected = np.zeros((6, 8), np.float32)
+    expected[0:4, 0:4] = 0.3
+    expected[2:5, 2:6] = 0.9
+    assert prob.dtype == np.float32 and prob.shape == (6, 8)
+    np.testing.assert_allclose(prob, expected, atol=1e-6)
+    assert score == pytest.approx(0.9)
+    # one whole-image crop (no face): its score whatever it is; a box cut at the border
+    score, prob = lfdl_image_prob(np.array([0.2]), np.full((1, 2, 2), 0.2, np.float32), np.array([[-1, 0, 3, 2]]),
+                                  (2, 2))
+    assert score == pytest.approx(0.2)
+    np.testing.assert_allclose(prob, np.full((2, 2), 0.2), atol=1e-6)
+
+
+def test_mitl_image_prob_resizes_clips_and_scores_the_stored_values():
+    # 2×2 → 4×4 bilinear (half-pixel centres): the outer product of the paste test's row/column weights.
+    score, prob = mitl_image_prob(np.array([[0.0, 1.0], [0.0, 0.0]], np.float32), (4, 4), "top_percent", 12.5)
+    expected = np.outer([1.0, 0.75, 0.25, 0.0], [0.0, 0.25, 0.75, 1.0])
+    np.testing.assert_allclose(prob, expected, atol=1e-6)
+    # top 12.5 % of 16 px = 2 px: 1.0 and 0.75, the latter stored as round(255·0.75) = 191 → 191/255
+    assert score == pytest.approx((1.0 + 191 / 255) / 2, abs=1e-12)
+    assert mitl_image_prob(expected, (4, 4), "max")[0] == 1.0  # same size: as is
+    score, prob = mitl_image_prob(np.array([[1.5, -0.5]], np.float32), (1, 2), "max")  # clipped to [0, 1]
+    np.testing.assert_array_equal(prob, [[1.0, 0.0]])
+    assert score == 1.0
 
 
 # ------------------------------------------------------------------------------------------- fixed model
@@ -160,6 +198,32 @@ def test_mitl_mask_back_to_original_size(tmp_path):
     predict_shard("mitl", Fixed("mitl", m), tmp_path / "m.npz", man, out, score_rule="top_percent", score_percent=100)
     stored = read_gray(out / "masks" / "X.png") / 255.0
     assert pd.read_csv(out / "scores.csv").score[0] == pytest.approx(stored.mean())  # scored from stored values
+
+
+class Fusable(Fixed):
+    """Records ``fuse_for_inference`` calls (MITL's inference speed-up) and the mode they came in."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.fused_in_eval = []
+
+    def fuse_for_inference(self):
+        self.fused_in_eval.append(not self.training)
+        return self
+
+
+def test_mitl_prediction_fuses_the_model_after_eval(tmp_path):
+    rgb = np.zeros((1, 8, 8, 3), np.uint8)
+    arrays = {"image_id": np.array(["X"]), "rgb": rgb, "orig_hw": np.array([[8, 8]])}
+    with open(tmp_path / "m.npz", "wb") as f:
+        np.savez(f, **arrays)
+    man = _manifest(tmp_path / "m.parquet", ["X"])
+    mitl, lfdl = Fusable("mitl", 8).train(), Fusable("lfdl", 8)
+    predict_shard("mitl", mitl, tmp_path / "m.npz", man, tmp_path / "o")
+    assert mitl.fused_in_eval == [True]
+    predict_shard("lfdl", lfdl, _lfdl_shard(tmp_path / "s.npz"), _manifest(tmp_path / "s.parquet", ["A", "B"]),
+                  tmp_path / "p")
+    assert lfdl.fused_in_eval == []  # only MITL's path fuses
 
 
 def test_cli_and_model_file_checks(tmp_path, monkeypatch):

@@ -334,12 +334,7 @@ class LFDL(nn.Module):
             raise ValueError(f"LFDL was built for (B, 3, {self.size}, {self.size}) inputs; got {tuple(rgb.shape)}")
         x = (rgb - 0.5) / 0.5
         srm = batch.get("srm")
-        if srm is not None:
-            srm = srm.to(x.dtype)
-        elif x.is_meta:  # shape / FLOP counting: the same 3→3 5×5 convolution, without values
-            srm = F.conv2d(x, x.new_empty(3, 3, 5, 5), padding=2)
-        else:
-            srm = srm_residuals(x)
+        srm = srm.to(x.dtype) if srm is not None else srm_residuals(x)  # srm_residuals works on meta too
         R, S = self.rgb, self.srm
 
         x0, y0 = self.cmce[0](stem(R, x), stem(S, srm))
