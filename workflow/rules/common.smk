@@ -20,8 +20,13 @@ except UserError as e:
 RUN = Path(config["results_dir"]) / config["run_name"]
 SHARD_SIZE = int(config["shard_size"])
 EVAL_SPLIT = config["evaluate"].get("split", "test")
-# The same interpreter runs every job (also inside SLURM jobs), so the venv's package is always the one used.
-MF = f"{sys.executable} -m morphfuse"
+# The same interpreter runs every job (also inside SLURM jobs), so the venv's package is always the one used;
+# with `--sdm conda` each job runs in envs/morphfuse.yaml instead, which installs this package too.
+from snakemake.settings.types import DeploymentMethod
+
+USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+MF = "python -m morphfuse" if USE_CONDA else f"{sys.executable} -m morphfuse"
+CONDA_ENV = "../../envs/morphfuse.yaml"
 
 
 def R(*parts):

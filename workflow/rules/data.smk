@@ -10,6 +10,8 @@ checkpoint index:
         split=config["split"],
         folders=folders_fingerprint([resolve_path(s["root"]) for s in config["sources"]]),
         code=code_hash("sources.py", "split.py", "stages/index.py", "imageio.py", "forge/importer.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/index.log"),
     shell:
@@ -32,6 +34,8 @@ rule forge:
         else config["forge"].get("min_face_size", 0),
         seed=config["seed"],
         code=code_hash("forge", "faces/backends.py", "faces/landmarks.py", "imageio.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/forge/{method}_{fshard}.log"),
     shell:
@@ -56,6 +60,8 @@ checkpoint manifest:
         shard_size=SHARD_SIZE,
         out_dir=R("manifest"),
         code=code_hash("stages/manifest.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/manifest.log"),
     shell:

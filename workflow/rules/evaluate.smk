@@ -27,6 +27,8 @@ rule evaluate:
         convention=CONVENTION,
         split=EVAL_SPLIT,
         code=code_hash("evaluate.py", "metrics.py", "fusion.py", "imageio.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/evaluate/{variant}_{shard}.log"),
     shell:
@@ -68,6 +70,8 @@ rule tables:
         mitl=R("predict/mitl"),
         convention=CONVENTION,
         code=code_hash("tables.py", "plots.py", "metrics.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/tables.log"),
     shell:

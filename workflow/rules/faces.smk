@@ -15,6 +15,8 @@ rule faces:
         gray=" --gray" if config["faces"].get("gray") else "",
         code=code_hash("faces/backends.py", "faces/cli.py", "faces/landmarks.py", "imageio.py"),
     threads: 1
+    conda:
+        CONDA_ENV
     log:
         R("logs/faces/{shard}.log"),
     shell:
@@ -35,6 +37,8 @@ rule crops:
     params:
         crops=config["crops"],
         code=code_hash("faces/crops.py", "faces/cli.py", "faces/landmarks.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/crops/{shard}.log"),
     shell:

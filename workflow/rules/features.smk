@@ -12,6 +12,8 @@ rule features_lfdl:
         size=config["lfdl"]["size"],
         mode=config["features"]["mode"],
         code=code_hash("features.py", "srm.py", "imageio.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/features_lfdl/{shard}.log"),
     shell:
@@ -30,6 +32,8 @@ rule features_mitl:
         mode=config["features"]["mode"],
         low_band=config["mitl"].get("low_band", "l_shape"),
         code=code_hash("features.py", "dct.py", "imageio.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/features_mitl/{shard}.log"),
     shell:

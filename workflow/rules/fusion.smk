@@ -12,6 +12,8 @@ rule fuse:
         kernel=config["fusion"]["kernel"],
         threshold=config["fusion"]["threshold"],
         code=code_hash("fusion.py", "imageio.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/fuse/{variant}_{shard}.log"),
     shell:

@@ -40,6 +40,8 @@ for _model in ("lfdl", "mitl"):
         threads: int(config[_model].get("threads", 1))
         resources:
             gpu=int(config[_model].get("gpus", 1)),
+        conda:
+            CONDA_ENV
         log:
             R("logs", f"train_{_model}.log"),
         shell:
@@ -68,6 +70,8 @@ if config["predictions"]["source"] == "models":
             threads: 1
             resources:
                 gpu=1,
+            conda:
+                CONDA_ENV
             log:
                 R("logs", f"predict_{_model}", "{shard}.log"),
             shell:
@@ -91,6 +95,8 @@ else:
                 scores=config["predictions"]["files"][f"{_model}_scores"],
                 out=lambda wc, m=_model: R("predict", m, wc.shard),
                 code=code_hash("stages/predictions_from_files.py"),
+            conda:
+                CONDA_ENV
             log:
                 R("logs", f"predictions_from_files_{_model}", "{shard}.log"),
             shell:

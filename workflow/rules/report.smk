@@ -16,6 +16,8 @@ rule report:
         out=R("report"),
         run=str(RUN),
         code=code_hash("report.py", "provenance.py", "forge/contact_sheet.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/report.log"),
     shell:
@@ -33,6 +35,8 @@ rule export:
     params:
         tables=R("tables"),
         code=code_hash("export.py"),
+    conda:
+        CONDA_ENV
     log:
         R("logs/export.log"),
     shell:
