@@ -1,6 +1,7 @@
 """Shared fixtures: paths to the demo photos (read-only) and a folder of deliberately bad inputs."""
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 from pathlib import Path
@@ -17,6 +18,21 @@ LONDON_512 = FACES / "london_512"
 def london(n: int = 4, folder: str = "neutral_front") -> list[Path]:
     """The first ``n`` demo photos of a folder (read-only: copy before writing anywhere near them)."""
     return sorted((LONDON_512 / folder).glob("*.jpg"))[:n]
+
+
+class CachedBackend:
+    """The real dlib face backend, each image detected once (forgery tests detect the same photos often)."""
+
+    def __init__(self):
+        from morphfuse.faces.backends import get_backend
+
+        self.inner, self.cache = get_backend("dlib"), {}
+
+    def detect(self, rgb):
+        key = hashlib.sha1(rgb.tobytes()).hexdigest() + str(rgb.shape)
+        if key not in self.cache:
+            self.cache[key] = self.inner.detect(rgb)
+        return self.cache[key]
 
 
 @pytest.fixture(scope="session")

@@ -5,31 +5,17 @@ inside at least 99 % of the pixels differ (a donor pixel may equal the target's 
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import LONDON_512, london
+from conftest import LONDON_512, CachedBackend, london
 from morphfuse.forge.cli import forge_shard
 from morphfuse.forge.common import DonorPool, Skip, rng_for
 from morphfuse.forge.random_combination import RandomCombination, face_box
 from morphfuse.imageio import read_image
-
-
-class CachedBackend:
-    def __init__(self):
-        from morphfuse.faces.backends import get_backend
-
-        self.inner, self.cache = get_backend("dlib"), {}
-
-    def detect(self, rgb):
-        key = hashlib.sha1(rgb.tobytes()).hexdigest() + str(rgb.shape)
-        if key not in self.cache:
-            self.cache[key] = self.inner.detect(rgb)
-        return self.cache[key]
 
 
 @pytest.fixture(scope="module")

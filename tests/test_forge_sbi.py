@@ -7,7 +7,6 @@ highlights), and at least 75 % of all mask pixels, the thin soft edge (m < 0.25Â
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -16,26 +15,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import LONDON_512, london
+from conftest import LONDON_512, CachedBackend, london
 from morphfuse.forge.cli import forge_shard
 from morphfuse.forge.common import Skip, rng_for
 from morphfuse.forge.sbi import SBIGenerator, blend_mask, colour_transform
 from morphfuse.imageio import read_image
-
-
-class CachedBackend:
-    """The real dlib backend, each image detected once per test module."""
-
-    def __init__(self):
-        from morphfuse.faces.backends import get_backend
-
-        self.inner, self.cache = get_backend("dlib"), {}
-
-    def detect(self, rgb):
-        key = hashlib.sha1(rgb.tobytes()).hexdigest() + str(rgb.shape)
-        if key not in self.cache:
-            self.cache[key] = self.inner.detect(rgb)
-        return self.cache[key]
 
 
 def index_rows(paths: list[Path], root: Path = LONDON_512, split: str = "train") -> pd.DataFrame:

@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .imageio import IMAGE_EXTENSIONS, BadImageError, is_image_file, prob_to_uint8, read_image, write_csv, \
-    write_png, write_text_atomic
+from .imageio import IMAGE_EXTENSIONS, BadImageError, prob_to_uint8, read_image, walk_images, \
+    write_csv, write_png, write_text_atomic
 from .ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,6 @@ def safe_name(text: str) -> str:
     s = text.replace("\\", "/").replace("/", "__")
     s = re.sub(r"[^A-Za-z0-9._-]", "_", s).lstrip(".")
     return s or "image"
-
-
-def _walk(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith(".") and is_image_file(f):
-                found.append(Path(dirpath) / f)
-    return found
 
 
 def collect_inputs(paths: list[str]) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -105,7 +95,7 @@ def collect_inputs(paths: list[str]) -> tuple[list[Item], list[tuple[str, str]]]
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            for f in _walk(p):
+            for f in walk_images(p):
                 add(f, f.relative_to(p).as_posix())
         elif p.is_file():
             add(p, p.name)

@@ -39,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from .errors import UserError
 from .fusion import read_gt, read_u8, threshold_to_uint8
-from .imageio import BadImageError, is_image_file, write_parquet, write_text_atomic
+from .imageio import BadImageError, header_size, walk_images, write_parquet, write_text_atomic
 from .ledger import Ledger
 from .metrics import AVERAGING, EMPTY, IMAGES, IOU, Convention, f1_from_counts, iou_from_counts, summarize
 from .metrics import resize_nearest
@@ -53,7 +52,6 @@ STAGE = "evaluate"
 MANIFEST_COLUMNS = ("image_id", "root", "path", "label", "mask_path", "group")
 ROW_COLUMNS = ["image_id", "label", "score", "group", "method", "source", "split", "variant", "width", "height",
                "TP", "FP", "FN", "TN", "f1", "iou", "threshold", "resized", "ok", "error"]
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -74,20 +72,8 @@ class Item:
 
 # ------------------------------------------------------------------------------------------------- helpers
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image as displayed (EXIF orientation 5-8 swaps them), from its header only."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            try:
-                orientation = im.getexif().get(EXIF_ORIENTATION)
-            except Exception:  # noqa: BLE001 - a broken EXIF block: the stored orientation
-                orientation = None
-    except FileNotFoundError:
-        raise BadImageError(path, "file does not exist") from None
-    except Exception as e:  # noqa: BLE001
-        raise BadImageError(path, f"not a readable image ({str(e) or type(e).__name__})") from None
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
+    """``(height, width)`` of an image as displayed, from its header only (:func:`imageio.header_size`)."""
+    w, h = header_size(path)
     return h, w
 
 
@@ -220,14 +206,6 @@ def summarize_frame(df: pd.DataFrame, convention: Convention, score_threshold: f
 
 
 # ---------------------------------------------------------------------------------------- DDL-I split folder
-def _walk_images(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and is_image_file(f))
-    return found
-
-
 def dataset_items(root: Path) -> list[Item]:
     """The images of a DDL-I split folder; a listing problem (clash, missing mask) is the item's ``error``."""
     real_dir, fake_dir = root / "real", root / "fake"
@@ -237,12 +215,12 @@ def dataset_items(root: Path) -> list[Item]:
     mask_dirs = [d for d in (root / "masks", root / "mask") if d.is_dir()]
     masks: dict[str, list[Path]] = {}
     for d in mask_dirs:
-        for p in _walk_images(d):
+        for p in walk_images(d):
             masks.setdefault(p.stem, []).append(p)
     listed: dict[str, list[tuple[int, Path]]] = {}
     for label, d in ((0, real_dir), (1, fake_dir)):
         if d.is_dir():
-            for p in _walk_images(d):
+            for p in walk_images(d):
                 listed.setdefault(p.stem, []).append((label, p))
     if listed and any(lab == 1 for v in listed.values() for lab, _ in v) and not mask_dirs:
         log.warning("%s has fake images but neither masks/ nor mask/: every fake will be listed as an error", root)

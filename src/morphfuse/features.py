@@ -48,13 +48,14 @@ from . import dct, srm
 from .errors import UserError
 from .imageio import BadImageError, atomic_path, read_image, read_mask
 from .ledger import Ledger
+from .normalize import IMAGENET_MEAN, IMAGENET_STD, lfdl_input, mitl_input  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 MODES = ("precompute", "on_the_fly")
 FORMAT_VERSION = 1
-# MITL's input normalisation (MITL.md); LFDL's is (rgb - 0.5) / 0.5. The models apply the same expressions.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # = timm IMAGENET_DEFAULT_*
+# The networks' input normalisation: the very functions the models apply (morphfuse.normalize).
+lfdl_normalize, mitl_normalize = lfdl_input, mitl_input
 
 MANIFEST_COLUMNS = ("image_id", "root", "path", "label", "mask_path", "split")
 CROP_COLUMNS = ("image_id", "face_idx", "x0", "y0", "x1", "y1")
@@ -128,18 +129,6 @@ def rgb_to_float(rgb, device: str | torch.device | None = None) -> torch.Tensor:
             raise ValueError(f"float pixels must be (B, 3, H, W) in [0, 1], got {tuple(t.shape)}")
         return t.to(device) if device is not None else t
     raise TypeError(f"pixels must be uint8 or float, got {t.dtype}")
-
-
-def lfdl_normalize(rgb01: torch.Tensor) -> torch.Tensor:
-    """LFDL network input: ``(rgb − 0.5) / 0.5`` in [-1, 1] (the expression LFDL applies itself)."""
-    return (rgb01 - 0.5) / 0.5
-
-
-def mitl_normalize(rgb01: torch.Tensor) -> torch.Tensor:
-    """MITL network input: ImageNet mean/std (the expression MITL applies itself)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=rgb01.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=rgb01.device).view(1, 3, 1, 1)
-    return (rgb01 - mean) / std
 
 
 def lfdl_inputs_from_rgb(rgb, device: str | torch.device | None = None,

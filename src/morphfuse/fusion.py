@@ -29,10 +29,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from .errors import UserError
-from .imageio import BadImageError, atomic_path, read_gray, read_mask
+from .imageio import BadImageError, header_size, read_gray, read_mask, write_png
 from .ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -183,24 +182,13 @@ def read_gt(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_mask_png(path: str | os.PathLike, mask_u8: np.ndarray) -> None:
-    """Write a 0/255 uint8 mask as PNG atomically (temporary file beside it, then rename)."""
-    ok, buf = cv2.imencode(".png", mask_u8, PNG_PARAMS)
-    if not ok:
-        raise OSError(f"{path}: OpenCV could not encode the mask as PNG")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buf.data)
+    """Write a 0/255 uint8 mask as PNG atomically, with the settings that suit binary masks (PNG_PARAMS)."""
+    write_png(path, mask_u8, params=PNG_PARAMS)
 
 
 def png_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image from its header only; ``BadImageError`` if it cannot be opened."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise BadImageError(path, "file does not exist") from None
-    except Exception as e:  # noqa: BLE001 - any Pillow failure means the file is unusable
-        raise BadImageError(path, f"not a readable image ({e})") from None
+    w, h = header_size(path)
     return h, w
 
 

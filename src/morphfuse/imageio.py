@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Pillow's default guard against decompression bombs (~89 Mpx); anything above is refused, not decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+EXIF_ORIENTATION = 274  # the EXIF tag that says how to turn the stored pixels for display
 
 
 class BadImageError(ValueError):
@@ -35,6 +36,15 @@ class BadImageError(ValueError):
 
 def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def walk_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file below ``folder`` in sorted order, hidden files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and is_image_file(f))
+    return found
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
@@ -78,6 +88,26 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.max(initial=0) <= 1.0:
         arr = arr * 255.0
     return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` as viewers show the image (EXIF orientation 5–8 swaps them), from the header only.
+
+    Raises :class:`BadImageError` naming the file when it cannot be opened.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadImageError(p, "file does not exist")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            except Exception:  # a broken EXIF block: the stored orientation
+                orientation = 1
+    except Exception as e:  # any Pillow failure means the file is unusable
+        raise BadImageError(p, f"not a readable image ({str(e) or type(e).__name__})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -173,11 +203,12 @@ class _AtomicPath:
         return False
 
 
-def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:
+def write_png(path: str | os.PathLike, arr: np.ndarray, params: list[int] | None = None) -> None:
     """Write a uint8 array (H×W or H×W×3 RGB) as PNG, atomically.
 
-    zlib level 1 with the UP row filter: masks are written and re-read many times per run, and this measured
-    faster to encode and to decode than Pillow's level 1 (benchmarks/bench_fuse_eval.py).
+    Default: zlib level 1 with the UP row filter: probability masks are written and re-read many times per run,
+    and this measured faster to encode and to decode than Pillow's level 1 (benchmarks/bench_fuse_eval.py).
+    ``params`` are OpenCV ``IMWRITE_PNG_*`` settings for other content (fusion's binary masks).
     """
     arr = np.asarray(arr)
     if arr.dtype == bool:
@@ -186,7 +217,7 @@ def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:
         raise TypeError(f"write_png expects uint8 or bool, got {arr.dtype} for {path}")
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr, _PNG_PARAMS)
+    ok, buf = cv2.imencode(".png", arr, _PNG_PARAMS if params is None else params)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     write_bytes_atomic(path, buf.tobytes())

@@ -11,16 +11,14 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from .errors import UserError
-from .imageio import IMAGE_EXTENSIONS, is_image_file
+from .imageio import IMAGE_EXTENSIONS, BadImageError, header_size, is_image_file
 from .ledger import Ledger
 
 MANIFEST_COLUMNS = ["image_id", "root", "path", "label", "mask_path", "source", "method", "group",
                     "source_groups", "source_ids", "split", "width", "height", "fingerprint"]
 SPLITS = ("train", "val", "test")
-_EXIF_ORIENTATION = 274
 
 
 def safe_id(text: str) -> str:
@@ -38,15 +36,17 @@ def image_id_for(source: str, relpath: str, stem_only: bool = True) -> str:
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) as viewers show it (EXIF rotation applied), from the header only; None if unreadable."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            try:
-                orient = im.getexif().get(_EXIF_ORIENTATION, 1)
-            except Exception:
-                orient = 1
-    except Exception:
+        return header_size(path)
+    except BadImageError:
         return None
-    return (h, w) if orient in (5, 6, 7, 8) else (w, h)
+
+
+def _size_or_ledger(path: Path, image_id: str, ledger: Ledger) -> tuple[int, int] | None:
+    """:func:`image_size`, recording an unreadable header in the ledger."""
+    size = image_size(path)
+    if size is None:
+        ledger.add(image_id, path, "unreadable image header (corrupt, truncated or not an image)")
+    return size
 
 
 class IdentityRule:
@@ -141,9 +141,8 @@ def index_folder(src: dict, ledger: Ledger) -> list[dict]:
     ids = _unique_ids(rels, src["name"])
     rows = []
     for rel in rels:
-        size = image_size(root / rel)
+        size = _size_or_ledger(root / rel, ids[rel], ledger)
         if size is None:
-            ledger.add(ids[rel], root / rel, "unreadable image header (corrupt, truncated or not an image)")
             continue
         rows.append(_row(ids[rel], root, rel, 0, "", src["name"], "real", ident(rel), src.get("split") or "", size))
     return rows
@@ -179,9 +178,8 @@ def index_ddl(src: dict, ledger: Ledger) -> list[dict]:
             rels = [f"{part}/{sub}/{r}" for r in _walk_images(d, None, None)]
             ids = _unique_ids(rels, src["name"])
             for rel in rels:
-                size = image_size(root / rel)
+                size = _size_or_ledger(root / rel, ids[rel], ledger)
                 if size is None:
-                    ledger.add(ids[rel], root / rel, "unreadable image header (corrupt, truncated or not an image)")
                     continue
                 mask_rel = ""
                 if label == 1:
@@ -201,9 +199,8 @@ def index_ddl(src: dict, ledger: Ledger) -> list[dict]:
         rels = [f"test/{r}" for r in _walk_images(test, None, None)]
         ids = _unique_ids(rels, src["name"])
         for rel in rels:
-            size = image_size(root / rel)
+            size = _size_or_ledger(root / rel, ids[rel], ledger)
             if size is None:
-                ledger.add(ids[rel], root / rel, "unreadable image header (corrupt, truncated or not an image)")
                 continue
             rows.append(_row(ids[rel], root, rel, -1, "", src["name"], "unknown", ident(Path(rel).name),
                              "unlabeled", size))

@@ -373,6 +373,28 @@ def _to_uint8(img) -> np.ndarray:
     return np.clip(np.rint(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
+def _plan_edit(base: Mapping, call: Mapping | None, defaults: Mapping, key: str, faces, rgb: np.ndarray, rng):
+    """What both diffusion generators decide before touching the model: the options (per-call ones over the
+    generator's, its model_dir kept), the region and its prompt (drawn from ``rng``), the region mask and the
+    torch seed (drawn next). Returns ``(opts, region, prompt, mask, seed)`` or a :class:`Skip`."""
+    opts = _options({**base, **{k: v for k, v in dict(call or {}).items() if k != "model_dir"},
+                     "model_dir": base.get("model_dir")}, defaults, key)
+    lm, why = _face_landmarks(faces)
+    if lm is None:
+        return Skip(why)
+    region, prompt = choose_edit(rng, opts["regions"], _prompt_table(opts))
+    mask = region_mask(lm, rgb.shape[:2], region, forehead=opts["forehead"])
+    if not mask.any():
+        return Skip(f"{region} region is empty (landmarks outside the image)")
+    return opts, region, prompt, mask, torch_seed(rng)
+
+
+def _single_source_result(target, fake: np.ndarray, mask: np.ndarray, method: str, extra: dict) -> ForgeResult:
+    """A forgery edited from one real image: its only source is the target."""
+    return ForgeResult(fake_rgb=fake, mask=mask, source_ids=[str(target["image_id"])],
+                       source_groups=[str(target["group"])], method=method, extra=extra)
+
+
 class SDInpaintGenerator:
     """Generator protocol (forge/common.py) for SD inpainting of one landmark region of the largest face."""
 
@@ -389,17 +411,11 @@ class SDInpaintGenerator:
     def __call__(self, target, rgb, faces, rng, options=None, donors=None) -> ForgeResult | Skip:
         import torch
 
-        opts = _options({**self.options, **{k: v for k, v in dict(options or {}).items() if k != "model_dir"},
-                         "model_dir": self.options.get("model_dir")}, SD_INPAINT_DEFAULTS, "sd_inpaint")
-        lm, why = _face_landmarks(faces)
-        if lm is None:
-            return Skip(why)
+        plan = _plan_edit(self.options, options, SD_INPAINT_DEFAULTS, "sd_inpaint", faces, rgb, rng)
+        if isinstance(plan, Skip):
+            return plan
+        opts, region, prompt, mask, seed = plan
         h, w = rgb.shape[:2]
-        region, prompt = choose_edit(rng, opts["regions"], _prompt_table(opts))
-        mask = region_mask(lm, (h, w), region, forehead=opts["forehead"])
-        if not mask.any():
-            return Skip(f"{region} region is empty (landmarks outside the image)")
-        seed = torch_seed(rng)
         mh, mw = model_hw(h, w, int(opts["size"]), self.multiple)
         vae_factor = int(getattr(self.pipe, "vae_scale_factor", 8))
         from PIL import Image
@@ -429,8 +445,7 @@ class SDInpaintGenerator:
                 return Skip("the inpainted image equals the original")
         extra = {"region": region, "prompt": prompt, "torch_seed": seed, "model_hw": (mh, mw),
                  "steps": int(opts["steps"]), "paste_back": bool(opts["paste_back"])}
-        return ForgeResult(fake_rgb=fake, mask=out_mask, source_ids=[str(target["image_id"])],
-                           source_groups=[str(target["group"])], method=self.method, extra=extra)
+        return _single_source_result(target, fake, out_mask, self.method, extra)
 
 
 class DiffusionInversionGenerator:
@@ -581,25 +596,19 @@ class DiffusionInversionGenerator:
         return {"image": image, "latents": x, "x0": x0}
 
     def __call__(self, target, rgb, faces, rng, options=None, donors=None) -> ForgeResult | Skip:
-        opts = _options({**self.options, **{k: v for k, v in dict(options or {}).items() if k != "model_dir"},
-                         "model_dir": self.options.get("model_dir")}, INVERSION_DEFAULTS, "diffusion_inversion")
-        lm, why = _face_landmarks(faces)
-        if lm is None:
-            return Skip(why)
+        # the torch seed is drawn for a stable rng stream; inversion + DDIM/BELM sampling are deterministic
+        plan = _plan_edit(self.options, options, INVERSION_DEFAULTS, "diffusion_inversion", faces, rgb, rng)
+        if isinstance(plan, Skip):
+            return plan
+        opts, region, prompt, mask, seed = plan
         h, w = rgb.shape[:2]
-        region, prompt = choose_edit(rng, opts["regions"], _prompt_table(opts))
-        mask = region_mask(lm, (h, w), region, forehead=opts["forehead"])
-        if not mask.any():
-            return Skip(f"{region} region is empty (landmarks outside the image)")
-        seed = torch_seed(rng)   # drawn for a stable rng stream; inversion + DDIM/BELM sampling are deterministic
         size = opts["size"] or int(self.pipe.unet.config.sample_size) * self.vae_factor
         mh, mw = model_hw(h, w, int(size), self.multiple)
         res = self.edit(_resize_rgb(rgb, (mh, mw)), _resize_mask(mask, (mh, mw)), prompt, opts)
         fake = _paste_back(rgb, _resize_rgb(res["image"], (h, w)), mask)
         extra = {"region": region, "prompt": prompt, "torch_seed": seed, "model_hw": (mh, mw),
                  "steps": int(opts["steps"]), "sampler": opts["sampler"]}
-        return ForgeResult(fake_rgb=fake, mask=mask, source_ids=[str(target["image_id"])],
-                           source_groups=[str(target["group"])], method=self.method, extra=extra)
+        return _single_source_result(target, fake, mask, self.method, extra)
 
 
 # ============================================================================================ factories

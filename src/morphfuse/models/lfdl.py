@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from ..normalize import lfdl_input
 from ..srm import srm_residuals
 from . import NON_MODEL_KEYS
 
@@ -332,7 +333,7 @@ class LFDL(nn.Module):
         rgb = batch["rgb"]
         if rgb.ndim != 4 or rgb.shape[1] != 3 or tuple(rgb.shape[-2:]) != (self.size, self.size):
             raise ValueError(f"LFDL was built for (B, 3, {self.size}, {self.size}) inputs; got {tuple(rgb.shape)}")
-        x = (rgb - 0.5) / 0.5
+        x = lfdl_input(rgb)
         srm = batch.get("srm")
         srm = srm.to(x.dtype) if srm is not None else srm_residuals(x)  # srm_residuals works on meta too
         R, S = self.rgb, self.srm

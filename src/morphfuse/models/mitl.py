@@ -39,7 +39,6 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from timm.models import FeatureListNet
 from timm.models import load_state_dict as timm_load_state_dict
@@ -50,6 +49,7 @@ from transformers import SegformerConfig, SegformerModel
 from morphfuse.dct import LOW_BANDS, dct_bands
 from morphfuse.errors import UserError
 from morphfuse.models import NON_MODEL_KEYS
+from morphfuse.normalize import mitl_input
 
 SIZE_MULTIPLE = 32
 SCORE_RULES = ("max", "top_percent")
@@ -332,8 +332,6 @@ class MITL(nn.Module):
         self.size, self.low_band = size, low_band
         self.score_rule, self.score_percent = score["rule"], float(score["percent"])
 
-        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
         # DFGMG: two encoders, their decoders to H/4, one 1x1 logit conv per map.
         self.convnext = convnext_tiny_features(pretrained.get("convnext"))
         self.mit = mit_b3(pretrained.get("segformer"), drop_path=drop_path)
@@ -367,7 +365,7 @@ class MITL(nn.Module):
         if rgb.ndim != 4 or rgb.shape[1] != 3 or rgb.shape[-2] % SIZE_MULTIPLE or rgb.shape[-1] % SIZE_MULTIPLE:
             raise ValueError(f"MITL takes rgb of shape (B, 3, H, W) with H and W multiples of {SIZE_MULTIPLE}, "
                              f"got {tuple(rgb.shape)}")
-        x = (rgb.float() - self.mean) / self.std
+        x = mitl_input(rgb.float())
         high, low = self._bands(batch, x)
 
         local = self.convnext(torch.cat([x, high], dim=1))

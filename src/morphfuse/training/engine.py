@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..errors import UserError
 from ..imageio import write_csv
+from .. import metrics
 from ..models import NON_MODEL_KEYS
 from . import checkpoint as ckpt
 from .data import FeatureDataset, batches_of, epoch_order, eval_batches, feature_paths, fingerprint, load_splits
@@ -256,16 +257,9 @@ def lr_factor_fn(model_name: str, s: Settings, steps_per_epoch: int, total_steps
 
 # ------------------------------------------------------------------------------------------- small pieces
 def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve (Mann–Whitney, ties counted half); NaN without both classes."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels) > 0.5
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    r = avg_rank[inv]
-    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+    """Validation AUC by :func:`morphfuse.metrics.roc_auc` (ties counted half); NaN without both classes."""
+    auc, _reason = metrics.roc_auc(np.asarray(labels) > 0.5, np.asarray(scores, dtype=np.float64))
+    return float("nan") if auc is None else float(auc)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
