@@ -130,7 +130,7 @@ def test_editing_the_fusion_code_reruns_fusion_and_evaluation_only(e2e, tmp_path
     src = tmp_path / "src"
     shutil.copytree(REPO / "src" / "morphfuse", src / "morphfuse")
     with open(src / "morphfuse" / "fusion.py", "a") as f:
-        f.write("\n# an edit\n")
+        f.write("\n_EDITED = True  # a statement: a comment alone reruns nothing (test_reruns.py)\n")
     env = dict(os.environ, PYTHONPATH=str(src))
     assert set(planned_jobs(e2e.work, env=env)) == DOWNSTREAM_OF_FUSION
 
