@@ -8,8 +8,11 @@ Reads top-down like the paper's figure::
     block3               : both streams take rgb2 + srm2
     block3, 4–7, 8–11    : LFGA, RGB-guided attention that changes the SRM stream only
     localization head    : MPFF over the RGB features x0..x5 → 2 logits per patch on the G×G grid of x5
+    pixel head           : the IJCAI release's seg_header2 on x5 (3×3 728→256, 3×3 256→64, 1×1 64→2), its logits
+                           upsampled (bilinear) to S×S; the masks come from it by default (``mask_head: pixel``)
     classification head  : SRM features y0,y1,y2,y3,y5 max-pooled to P×P, bilinear fusion with the exit flow y6
-    loss                 : L_cls + L_loc (1:1), patch targets from the mask or from SSPSL pseudo labels
+    loss                 : L_cls + L_loc (patch, 1:1) + L_pix (pixel; the IJCAI release's cls + seg1 + seg2);
+                           patch targets from the mask or from SSPSL pseudo labels, pixel targets from the mask
 
 Every grid is derived from the input side S: G (patch grid) is the side of x5, P that of the exit-flow output.
 At S = 299 with the release's stem padding 1 the feature sides are 150, 75, 38, 19, 10 (G = 19, P = 10); with
@@ -27,6 +30,10 @@ Choices where the paper, the release and our rules differ (each is an option or 
   y6 ends with act4 (the ReLU after bn4; the release's exit flow stops at bn4 and feeds it unrectified).
 - Classification: 2-class softmax cross-entropy (as released; equivalent to 1-logit BCE). The 2048→4096 Linear
   has no bias because a BatchNorm follows (the bias would get an exactly zero gradient).
+- Pixel head (``pixel_head: true``, as the IJCAI release): its loss is the pixel cross-entropy against the full
+  S×S crop mask, averaged over the pixels of the samples that have a mask (reals count: their mask is empty);
+  a fake without a mask (SSPSL) gets no pixel loss, since it has no pixel truth. ``pixel_head: false`` builds
+  Locate-and-Verify's network (patch head only; then ``mask_head`` must be ``patch``).
 - Labels may be soft (mixup): the losses use probability targets. Patch ground truth: a pixel is manipulated when
   its mask value is > 0.5 (the repository's v > 127 rule); a patch is 1 when any pixel of its window is.
 - SSPSL embeddings: ``sspsl_embedding: x5`` (default: L2-normalised x5, no projection that no loss could train)
@@ -66,6 +73,7 @@ EXIT_CHANNELS = 2048
 MPFF_CHANNELS = 512
 MIDDLE = (range(4, 8), range(8, 12))  # blocks 4–7, blocks 8–11
 WORKFLOW_KEYS = NON_MODEL_KEYS  # keys of the config's lfdl block that are not model options
+MASK_HEADS = ("pixel", "patch")
 
 
 # ----------------------------------------------------------------------------------------------- grid helpers
@@ -215,6 +223,22 @@ class LocalizationHead(nn.Module):
         return self.head(torch.cat(maps + [feats[-1]], dim=1))
 
 
+class PixelHead(nn.Module):
+    """The IJCAI release's ``seg_header2`` on x5: 3×3 728→256, BN, ReLU, 3×3 256→64, BN, ReLU, 1×1 64→2 (no
+    biases, as released), then the logits are upsampled (bilinear, half-pixel centres) to the S×S crop."""
+
+    def __init__(self, channels: int = LOC_CHANNELS[-1]):
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 2, 1, bias=False),
+        )
+
+    def forward(self, x5: Tensor, size: int) -> Tensor:
+        return F.interpolate(self.head(x5), size=(size, size), mode="bilinear", align_corners=False)
+
+
 class ClassificationHead(nn.Module):
     """Multi-level SRM features pooled to P×P, bilinear (Hadamard) fusion with the exit flow, → 2 logits."""
 
@@ -266,10 +290,10 @@ def exit_flow(net: nn.Module, x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------- network
 class LFDL(nn.Module):
-    """Two-stream face-crop detector and patch localizer; protocol of CONTRACTS.md (forward / loss / predict_proba).
+    """Two-stream face-crop detector and localizer; protocol of CONTRACTS.md (forward / loss / predict_proba).
 
-    ``forward(batch)`` returns ``cls`` (B, 2) logits, ``loc`` (B, 2, G, G) patch logits and ``x5`` (B, 728, G, G),
-    the RGB feature SSPSL embeds.
+    ``forward(batch)`` returns ``cls`` (B, 2) logits, ``loc`` (B, 2, G, G) patch logits, ``pix`` (B, 2, S, S)
+    pixel logits (with ``pixel_head``) and ``x5`` (B, 728, G, G), the RGB feature SSPSL embeds.
     """
 
     name = "lfdl"
@@ -287,6 +311,8 @@ class LFDL(nn.Module):
         sspsl_embedding: str = "x5",
         sspsl_fake_anchor: str = "batch",
         dropout: float = 0.5,
+        pixel_head: bool = True,
+        mask_head: str = "pixel",
         **workflow: Any,
     ):
         super().__init__()
@@ -294,11 +320,15 @@ class LFDL(nn.Module):
         if unknown:
             raise UserError(f"lfdl: unknown option(s) {', '.join(unknown)}; expected stem_padding, pretrained, "
                             "pretrained_hub, cmce_use_updated_rgb, lfga_scaled, mpff_c, sspsl_embedding, "
-                            "sspsl_fake_anchor, dropout")
+                            "sspsl_fake_anchor, dropout, pixel_head, mask_head")
         _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (timm) or 1 (release)")
         _check("mpff_c", mpff_c, isinstance(mpff_c, (int, float)) and mpff_c > 0, "a positive number")
         _check("sspsl_embedding", sspsl_embedding, sspsl_embedding in ("x5", "fixed_random"), "x5 or fixed_random")
         _check("sspsl_fake_anchor", sspsl_fake_anchor, sspsl_fake_anchor in ("batch", "sample"), "batch or sample")
+        _check("pixel_head", pixel_head, isinstance(pixel_head, bool), "true or false")
+        _check("mask_head", mask_head, mask_head in MASK_HEADS, "pixel or patch")
+        _check("mask_head", mask_head, pixel_head or mask_head == "patch",
+               "patch when pixel_head is false (there is no pixel head to take the masks from)")
         _check("pretrained", pretrained, not (pretrained and pretrained_hub),
                "null when pretrained_hub is true (choose a local file or timm's hub, not both)")
         sides = feature_sides(int(size), stem_padding)
@@ -310,7 +340,8 @@ class LFDL(nn.Module):
         windows = tuple(-(-s // self.grid) for s in sides[:5])  # window w of x0..x4 after padding to a multiple of G
         self.geometry = {"feature_sides": list(sides), "grid": self.grid, "cls_grid": self.cls_grid,
                          "mpff_windows": list(windows), "loc_channels": sum(w * w for w in windows) + 728,
-                         "stem_padding": stem_padding}
+                         "stem_padding": stem_padding, "pixel_head": pixel_head, "mask_head": mask_head,
+                         "mask_side": self.size if mask_head == "pixel" else self.grid}
         self.sspsl_fake_anchor = sspsl_fake_anchor
 
         self.rgb = xception_backbone(stem_padding, RGB_UNUSED, hub=pretrained_hub)
@@ -318,6 +349,8 @@ class LFDL(nn.Module):
         self.cmce = nn.ModuleList(CMCE(cmce_use_updated_rgb) for _ in range(3))
         self.lfga = nn.ModuleList(LFGA(728, scaled=lfga_scaled) for _ in range(3))
         self.localize = LocalizationHead(windows, mpff_c)
+        self.pixel = PixelHead() if pixel_head else None
+        self.mask_head = mask_head
         self.classify = ClassificationHead(dropout=dropout)
         if sspsl_embedding == "fixed_random":  # seeded, so every run (and every checkpoint) has the same one
             g = torch.Generator(device="cpu").manual_seed(0)
@@ -350,9 +383,12 @@ class LFDL(nn.Module):
         y5 = self.lfga[2](blocks(S, y4, MIDDLE[1]), x5)
         y6 = exit_flow(S, y5)
 
-        return {"cls": self.classify([y0, y1, y2, y3, y5], y6),
-                "loc": self.localize([x0, x1, x2, x3, x4, x5]),
-                "x5": x5}
+        out = {"cls": self.classify([y0, y1, y2, y3, y5], y6),
+               "loc": self.localize([x0, x1, x2, x3, x4, x5]),
+               "x5": x5}
+        if self.pixel is not None:
+            out["pix"] = self.pixel(x5, self.size)
+        return out
 
     # ----------------------------------------------------------------------------------------------- loss
     def patch_embeddings(self, x5: Tensor) -> Tensor:
@@ -390,8 +426,25 @@ class LFDL(nn.Module):
         stats = {"sspsl_samples": usable.sum(), "sspsl_skipped": (pseudo & ~usable).sum()}
         return target, weight, stats
 
+    def pixel_loss(self, pix: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Pixel cross-entropy of the S×S logits against the crop mask (> 0.5 is manipulated), averaged over the
+        pixels of the samples that have a mask; 0 when none has one."""
+        b, dev = pix.shape[0], pix.device
+        mask = batch.get("mask")
+        if mask is None:
+            return pix.sum() * 0.0
+        mask = mask.to(dev).float()
+        mask = mask[:, None] if mask.ndim == 3 else mask
+        target = (mask[:, 0] > 0.5).float()
+        has_mask = batch.get("has_mask")
+        weight = (torch.ones(b, device=dev) if has_mask is None else has_mask.to(dev).float())
+        ce = F.cross_entropy(pix, torch.stack([1 - target, target], 1), reduction="none")  # (B, S, S)
+        n = weight.sum() * ce.shape[-1] * ce.shape[-2]
+        return (ce * weight[:, None, None]).sum() / n.clamp_min(1)
+
     def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """L = L_cls + L_loc (1:1), both softmax cross-entropy with probability targets (soft labels allowed)."""
+        """L = L_cls + L_loc (+ L_pix with the pixel head), softmax cross-entropies with probability targets (soft
+        labels allowed), 1:1:1 as in the IJCAI release (cls + seg1 + seg2)."""
         cls, loc = out["cls"].float(), out["loc"].float()
         y = batch["label"].to(cls.device).float()
         loss_cls = F.cross_entropy(cls, torch.stack([1 - y, y], 1))
@@ -400,16 +453,25 @@ class LFDL(nn.Module):
         n = weight.sum() * ce.shape[-1] * ce.shape[-2]
         loss_loc = (ce * weight[:, None, None]).sum() / n.clamp_min(1)  # mean over the supervised patches
         total = loss_cls + loss_loc
-        names = ["loss", "loss_cls", "loss_loc", *stats]
-        values = torch.stack([total.detach(), loss_cls.detach(), loss_loc.detach(),
+        names = ["loss", "loss_cls", "loss_loc"]
+        parts = [loss_cls, loss_loc]
+        if "pix" in out:
+            loss_pix = self.pixel_loss(out["pix"].float(), batch)
+            total = total + loss_pix
+            names.append("loss_pix")
+            parts.append(loss_pix)
+        names += list(stats)
+        values = torch.stack([total.detach(), *(p.detach() for p in parts),
                               *(v.float() for v in stats.values())]).tolist()
         return total, dict(zip(names, values))  # one host synchronisation for all parts
 
     @torch.no_grad()
     def predict_proba(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Face score (B,) = softmax fake probability; mask (B, 1, G, G) = patch fake probability (call .eval())."""
+        """Face score (B,) = softmax fake probability; mask = fake probability of the pixel head (B, 1, S, S), or
+        of the patch head (B, 1, G, G) with ``mask_head: patch`` (call .eval())."""
         out = self.forward(batch)
-        return out["cls"].float().softmax(1)[:, 1], out["loc"].float().softmax(1)[:, 1:2]
+        logits = out["pix"] if self.mask_head == "pixel" else out["loc"]
+        return out["cls"].float().softmax(1)[:, 1], logits.float().softmax(1)[:, 1:2]
 
     # ------------------------------------------------------------------------------------------ pretrained
     def load_backbone_weights(self, path: str | Path) -> dict[str, dict[str, list[str]]]:
