@@ -387,28 +387,7 @@ def test_options_are_validated_and_workflow_keys_dropped():
         build_model("nope", 64, {})
 
 
-def test_pretrained_local_checkpoint(tmp_path, caplog):
-    import timm
-
-    torch.manual_seed(5)
-    ref = timm.create_model("legacy_xception", pretrained=False)
-    sd = {k: ref.state_dict()[k] for k in ("conv1.weight", "bn1.running_mean", "block12.skip.weight", "fc.weight")}
-    pw = ref.state_dict()["block1.rep.0.pointwise.weight"]
-    sd["block1.rep.0.pointwise.weight"] = pw[:, :, 0, 0]  # Cadene layout: 2-D pointwise weights
-    path = tmp_path / "xception.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
-    with caplog.at_level("INFO"):
-        model = LFDL(40, pretrained=str(path))
-    for net in (model.rgb, model.srm):
-        assert torch.equal(net.conv1.weight, sd["conv1.weight"])
-        assert torch.equal(net.block1.rep[0].pointwise.weight, pw)
-    rep = model.pretrained_report
-    assert sorted(rep["rgb"]["unexpected"]) == ["block12.skip.weight", "fc.weight"]
-    assert rep["srm"]["unexpected"] == ["fc.weight"]
-    assert "bn1.weight" in rep["rgb"]["missing"]
-    assert "tensors loaded" in caplog.text
-    with pytest.raises(UserError, match="no such file"):
-        LFDL(40, pretrained=str(tmp_path / "missing.pth"))
+# Pretrained weights (every format into both streams, strict loading): tests/test_pretrained.py
 
 
 def test_info_cli_prints_json(capsys):

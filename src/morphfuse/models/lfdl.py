@@ -41,9 +41,10 @@ Choices where the paper, the release and our rules differ (each is an option or 
   anchor is the batch mean over all pseudo-labelled fakes' reference cells (``sspsl_fake_anchor: batch``, as
   released) or each sample's own (``sample``). A fake without mask is skipped by the localization loss (and
   counted in the ``sspsl_skipped`` loss part) when its ``ref_box`` is NaN / empty or the batch holds no real image.
-- Pretrained weights are optional: ``pretrained`` is a local checkpoint path loaded into both backbones with
-  strict=False (missing / unexpected keys are logged and kept in ``self.pretrained_report``); timm's hub is used
-  only with ``pretrained_hub: true``. The default trains from scratch offline.
+- Pretrained weights: ``pretrained`` names ImageNet Xception weights for both backbones (the releases' start):
+  a local .pth / .safetensors file, a save_pretrained folder or a hub id found in the local cache, never
+  downloaded (models/pretrained.py); loading is strict. ``scratch`` (the default; null too) trains from random
+  initialisation. ``pretrained_hub`` was removed (only ``false`` is accepted, for old model files).
 """
 from __future__ import annotations
 
@@ -261,9 +262,10 @@ class ClassificationHead(nn.Module):
         return self.fc(self.drop2(z))
 
 
-def xception_backbone(stem_padding: int, unused: tuple[str, ...], hub: bool = False) -> nn.Module:
-    """timm's legacy_xception with the stem padding set and the modules LFDL never calls deleted."""
-    net = timm.create_model(BACKBONE, pretrained=hub)
+def xception_backbone(stem_padding: int, unused: tuple[str, ...]) -> nn.Module:
+    """timm's legacy_xception (random init: weights come from ``LFDL.load_backbone_weights``) with the stem
+    padding set and the modules LFDL never calls deleted."""
+    net = timm.create_model(BACKBONE, pretrained=False)
     for conv in (net.conv1, net.conv2):
         conv.padding = (stem_padding, stem_padding)
     for name in unused:
@@ -303,7 +305,7 @@ class LFDL(nn.Module):
         size: int = 299,
         *,
         stem_padding: int = 1,
-        pretrained: str | None = None,
+        pretrained: str | None = "scratch",
         pretrained_hub: bool = False,
         cmce_use_updated_rgb: bool = True,
         lfga_scaled: bool = False,
@@ -329,8 +331,9 @@ class LFDL(nn.Module):
         _check("mask_head", mask_head, mask_head in MASK_HEADS, "pixel or patch")
         _check("mask_head", mask_head, pixel_head or mask_head == "patch",
                "patch when pixel_head is false (there is no pixel head to take the masks from)")
-        _check("pretrained", pretrained, not (pretrained and pretrained_hub),
-               "null when pretrained_hub is true (choose a local file or timm's hub, not both)")
+        _check("pretrained_hub", pretrained_hub, pretrained_hub is False,
+               "false: it was removed; name the weights in lfdl.pretrained (a file, a folder or a hub id such as "
+               "legacy_xception.tf_in1k, found in the local cache; `morphfuse weights download` fetches them)")
         sides = feature_sides(int(size), stem_padding)
         _check("size", size, sides[-1] >= 1, f"a side of at least 32 px (got feature sides {sides})")
 
@@ -344,8 +347,8 @@ class LFDL(nn.Module):
                          "mask_side": self.size if mask_head == "pixel" else self.grid}
         self.sspsl_fake_anchor = sspsl_fake_anchor
 
-        self.rgb = xception_backbone(stem_padding, RGB_UNUSED, hub=pretrained_hub)
-        self.srm = xception_backbone(stem_padding, SRM_UNUSED, hub=pretrained_hub)
+        self.rgb = xception_backbone(stem_padding, RGB_UNUSED)
+        self.srm = xception_backbone(stem_padding, SRM_UNUSED)
         self.cmce = nn.ModuleList(CMCE(cmce_use_updated_rgb) for _ in range(3))
         self.lfga = nn.ModuleList(LFGA(728, scaled=lfga_scaled) for _ in range(3))
         self.localize = LocalizationHead(windows, mpff_c)
@@ -357,8 +360,8 @@ class LFDL(nn.Module):
             self.register_buffer("sspsl_proj", torch.randn(256, 728, generator=g, device="cpu") / 728 ** 0.5)
         else:
             self.sspsl_proj = None
-        self.pretrained_report: dict[str, dict[str, list[str]]] = {}
-        if pretrained:
+        self.pretrained_report: dict[str, dict[str, Any]] = {}
+        if pretrained is not None:
             self.pretrained_report = self.load_backbone_weights(pretrained)
 
     # ------------------------------------------------------------------------------------------- forward
@@ -474,42 +477,41 @@ class LFDL(nn.Module):
         return out["cls"].float().softmax(1)[:, 1], logits.float().softmax(1)[:, 1:2]
 
     # ------------------------------------------------------------------------------------------ pretrained
-    def load_backbone_weights(self, path: str | Path) -> dict[str, dict[str, list[str]]]:
-        """Load a local Xception checkpoint (timm legacy_xception or Cadene layout) into both backbones.
+    def load_backbone_weights(self, spec: str | Path) -> dict[str, dict[str, Any]]:
+        """Load ImageNet Xception weights into both backbones, strictly (models/pretrained.py for what ``spec`` may
+        be: a .pth / .safetensors file, a save_pretrained folder, a hub id in the local cache).
 
-        strict=False: the keys each backbone lacks (``missing``) or the file has in excess (``unexpected``, e.g. the
-        RGB exit flow and fc that LFDL deleted) are logged and returned. Shape mismatches are errors.
+        timm's ``legacy_xception`` layout and Cadene's (2-D pointwise weights, as the IJCAI release's
+        ``xception-b5690688.pth``) are accepted. Every tensor of each backbone must come from the file; the only
+        tensors the file may hold beyond them are those of the modules LFDL deletes (the classifier ``fc``, and
+        the RGB stream's exit flow). Anything else missing or unexpected is a UserError listing the keys.
+        Returns, per stream, the file, the number of tensors loaded and the file's tensors left unused.
         """
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise UserError(f"lfdl.pretrained = {path}: no such file; give a local Xception checkpoint "
-                            "(timm legacy_xception state dict) or null to train from scratch")
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"lfdl.pretrained = {path}: not a readable torch checkpoint ({e})") from None
-        for key in ("state_dict", "model", "state"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-        if not isinstance(sd, dict):
-            raise UserError(f"lfdl.pretrained = {path}: expected a state dict, got {type(sd).__name__}")
-        sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+        from .pretrained import read_state_dict, resolve, strict_report
+
+        path = resolve(spec, "lfdl.pretrained")
+        if path is None:
+            return {}
+        sd = read_state_dict(path, "lfdl.pretrained")
         sd = {k: v[..., None, None] if k.endswith("pointwise.weight") and v.ndim == 2 else v  # Cadene layout
               for k, v in sd.items()}
-        report: dict[str, dict[str, list[str]]] = {}
-        for name, net in (("rgb", self.rgb), ("srm", self.srm)):
+        report: dict[str, dict[str, Any]] = {}
+        for name, net, dropped in (("rgb", self.rgb, RGB_UNUSED), ("srm", self.srm, SRM_UNUSED)):
             own = net.state_dict()
             bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
                    for k in sd if k in own and sd[k].shape != own[k].shape]
             if bad:
                 raise UserError(f"lfdl.pretrained = {path}: shapes differ from legacy_xception: {', '.join(bad[:5])}")
-            res = net.load_state_dict(sd, strict=False)
-            report[name] = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
-            if len(res.missing_keys) == len(own):
-                raise UserError(f"lfdl.pretrained = {path}: no key matches legacy_xception (e.g. {next(iter(sd), '')})")
-            log.info("lfdl.pretrained %s → %s backbone: %d tensors loaded, %d missing %s, %d unexpected %s",
-                     p, name, len(own) - len(res.missing_keys), len(res.missing_keys), res.missing_keys[:8],
-                     len(res.unexpected_keys), _summarise(res.unexpected_keys))
+            missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+            unexpected = [k for k in sd if k not in own and k.split(".")[0] not in dropped]
+            strict_report("lfdl.pretrained", path, f"the {name} stream's Xception (timm legacy_xception)",
+                          missing, unexpected)
+            net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+            unused = sorted(k for k in sd if k not in own)
+            report[name] = {"file": str(path), "loaded": len(own) - len([k for k in own if k not in sd]),
+                            "unused": unused}
+            log.info("lfdl.pretrained %s -> %s stream: %d tensors loaded, unused (modules LFDL drops): %s",
+                     path, name, report[name]["loaded"], _summarise(unused))
         return report
 
 
