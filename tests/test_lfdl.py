@@ -65,7 +65,8 @@ def test_forward_shapes_and_probabilities(size):
     batch = {"rgb": torch.rand(2, 3, size, size)}
     out = model(batch)
     g, p = model.grid, model.cls_grid
-    assert (g, p) == (feature_sides(size, 1)[5], feature_sides(size, 1)[6])
+    assert model.geometry["stem_padding"] == 0  # the IJCAI release's default
+    assert (g, p) == (feature_sides(size, 0)[5], feature_sides(size, 0)[6])
     assert out["cls"].shape == (2, 2)
     assert out["loc"].shape == (2, 2, g, g)
     assert out["x5"].shape == (2, 728, g, g)
@@ -145,8 +146,8 @@ def test_precomputed_srm_is_used(model40):
 
 
 @pytest.mark.parametrize("size,stem_padding,sides", [
-    (299, 1, (150, 75, 38, 19, 19, 19, 10)),  # the release
-    (299, 0, (147, 74, 37, 19, 19, 19, 10)),  # timm's stem: same G and P
+    (299, 1, (150, 75, 38, 19, 19, 19, 10)),  # Locate-and-Verify
+    (299, 0, (147, 74, 37, 19, 19, 19, 10)),  # the IJCAI release and timm: same G and P
     (512, 1, (256, 128, 64, 32, 32, 32, 16)),
 ])
 def test_meta_shapes_at_paper_sizes(size, stem_padding, sides):
@@ -212,8 +213,8 @@ def test_fixed_random_embedding_is_a_buffer():
 # ----------------------------------------------------------------------------------- training behaviour
 def test_every_parameter_gets_a_gradient_and_a_tiny_batch_overfits():
     torch.manual_seed(0)
-    model = LFDL(40)  # G = 3, P = 2; the MPFF windows pad 20 → 21, 10 → 12, 5 → 6
-    assert model.geometry["mpff_windows"] == [7, 4, 2, 1, 1]
+    model = LFDL(40)  # sides 17, 9, 5, 3, 3, 3, 2: G = 3, P = 2; the MPFF windows pad 17 → 18 and 5 → 6
+    assert model.geometry["mpff_windows"] == [6, 3, 2, 1, 1]
     batch = make_batch(40)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     reached: set[str] = set()

@@ -15,12 +15,13 @@ Reads top-down like the paper's figure::
                            patch targets from the mask or from SSPSL pseudo labels, pixel targets from the mask
 
 Every grid is derived from the input side S: G (patch grid) is the side of x5, P that of the exit-flow output.
-At S = 299 with the release's stem padding 1 the feature sides are 150, 75, 38, 19, 10 (G = 19, P = 10); with
-timm's padding 0 they are 147, 74, 37, 19, 10 (same G and P, same head widths).
+At S = 299 with the IJCAI release's (and timm's) stem padding 0 the feature sides are 147, 74, 37, 19, 10 (G = 19,
+P = 10); with Locate-and-Verify's padding 1 they are 150, 75, 38, 19, 10 (same G and P, same head widths).
 
 Choices where the paper, the release and our rules differ (each is an option or stated here):
-- ``stem_padding`` 1 (release) or 0 (timm): set as the ``padding`` attribute of the two stem convolutions at
-  construction (configuration of timm's modules; nothing else inside timm is touched).
+- ``stem_padding`` 0 (default: the IJCAI release and timm) or 1 (Locate-and-Verify): set as the ``padding``
+  attribute of the two stem convolutions at construction (configuration of timm's modules; nothing else inside
+  timm is touched).
 - CMCE ``cmce_use_updated_rgb`` (release: true): srm' = ReLU(srm + c·rgb_u) with rgb_u = rgb + c·srm, the
   updated RGB feature before its ReLU, exactly as released; false gives the paper's srm + c·rgb.
 - LFGA: energies are q·k without the 1/√d factor as released (``lfga_scaled: true`` adds it). The key projection
@@ -304,7 +305,7 @@ class LFDL(nn.Module):
         self,
         size: int = 299,
         *,
-        stem_padding: int = 1,
+        stem_padding: int = 0,
         pretrained: str | None = "scratch",
         pretrained_hub: bool = False,
         cmce_use_updated_rgb: bool = True,
@@ -323,7 +324,7 @@ class LFDL(nn.Module):
             raise UserError(f"lfdl: unknown option(s) {', '.join(unknown)}; expected stem_padding, pretrained, "
                             "pretrained_hub, cmce_use_updated_rgb, lfga_scaled, mpff_c, sspsl_embedding, "
                             "sspsl_fake_anchor, dropout, pixel_head, mask_head")
-        _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (timm) or 1 (release)")
+        _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (IJCAI release, timm) or 1 (Locate-and-Verify)")
         _check("mpff_c", mpff_c, isinstance(mpff_c, (int, float)) and mpff_c > 0, "a positive number")
         _check("sspsl_embedding", sspsl_embedding, sspsl_embedding in ("x5", "fixed_random"), "x5 or fixed_random")
         _check("sspsl_fake_anchor", sspsl_fake_anchor, sspsl_fake_anchor in ("batch", "sample"), "batch or sample")
