@@ -121,6 +121,26 @@ def test_pixel_loss_is_pixel_cross_entropy_of_the_masked_samples(model40):
     assert model40.loss(out, nomask)[1]["loss_pix"] == 0
 
 
+def test_exit_flow_stops_at_bn4_as_released():
+    """y6 (what the classifier fuses) is bn4's output, unrectified, as the IJCAI release's fea_part3; with
+    exit_relu timm's act4 follows: then the whole SRM path equals timm's own forward_features."""
+    import timm
+
+    from morphfuse.models.lfdl import exit_flow
+
+    torch.manual_seed(0)
+    net = timm.create_model("legacy_xception", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        h = net.act2(net.bn2(net.conv2(net.act1(net.bn1(net.conv1(x))))))
+        for i in range(1, 12):
+            h = getattr(net, f"block{i}")(h)
+        y6, y6_relu, ref = exit_flow(net, h), exit_flow(net, h, relu=True), net.forward_features(x)
+    assert float(y6.min()) < 0 and torch.equal(y6_relu, F.relu(y6))
+    assert torch.allclose(y6_relu, ref, atol=1e-5)
+    assert LFDL(64).exit_relu is False
+
+
 def test_patch_only_network_is_locate_and_verify():
     with torch.device("meta"):
         model = LFDL(64, pixel_head=False, mask_head="patch")

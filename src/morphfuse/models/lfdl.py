@@ -28,7 +28,8 @@ Choices where the paper, the release and our rules differ (each is an option or 
   has no bias: a key bias adds q_i·b to every energy of row i, which the softmax cancels, so it would be a
   parameter that never receives a gradient.
 - Stage outputs are timm's: x1..x5 and y3..y5 are the raw block sums (the next block starts with its own ReLU),
-  y6 ends with act4 (the ReLU after bn4; the release's exit flow stops at bn4 and feeds it unrectified).
+  y6 is bn4's output, unrectified, as the IJCAI release's ``fea_part3`` gives it to the bilinear fusion
+  (``exit_relu: true`` adds timm's act4, the ReLU after bn4).
 - Classification: 2-class softmax cross-entropy (as released; equivalent to 1-logit BCE). The 2048→4096 Linear
   has no bias because a BatchNorm follows (the bias would get an exactly zero gradient).
 - Pixel head (``pixel_head: true``, as the IJCAI release): its loss is the pixel cross-entropy against the full
@@ -285,10 +286,12 @@ def blocks(net: nn.Module, x: Tensor, ids: range) -> Tensor:
     return x
 
 
-def exit_flow(net: nn.Module, x: Tensor) -> Tensor:
+def exit_flow(net: nn.Module, x: Tensor, relu: bool = False) -> Tensor:
+    """block12, sepconv3 + BN + ReLU, sepconv4 + BN (+ ReLU with ``relu``: timm's act4; the release stops at bn4)."""
     x = net.block12(x)
     x = net.act3(net.bn3(net.conv3(x)))
-    return net.act4(net.bn4(net.conv4(x)))
+    x = net.bn4(net.conv4(x))
+    return net.act4(x) if relu else x
 
 
 # --------------------------------------------------------------------------------------------------- network
@@ -316,6 +319,7 @@ class LFDL(nn.Module):
         dropout: float = 0.5,
         pixel_head: bool = True,
         mask_head: str = "pixel",
+        exit_relu: bool = False,
         **workflow: Any,
     ):
         super().__init__()
@@ -323,12 +327,13 @@ class LFDL(nn.Module):
         if unknown:
             raise UserError(f"lfdl: unknown option(s) {', '.join(unknown)}; expected stem_padding, pretrained, "
                             "pretrained_hub, cmce_use_updated_rgb, lfga_scaled, mpff_c, sspsl_embedding, "
-                            "sspsl_fake_anchor, dropout, pixel_head, mask_head")
+                            "sspsl_fake_anchor, dropout, pixel_head, mask_head, exit_relu")
         _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (IJCAI release, timm) or 1 (Locate-and-Verify)")
         _check("mpff_c", mpff_c, isinstance(mpff_c, (int, float)) and mpff_c > 0, "a positive number")
         _check("sspsl_embedding", sspsl_embedding, sspsl_embedding in ("x5", "fixed_random"), "x5 or fixed_random")
         _check("sspsl_fake_anchor", sspsl_fake_anchor, sspsl_fake_anchor in ("batch", "sample"), "batch or sample")
         _check("pixel_head", pixel_head, isinstance(pixel_head, bool), "true or false")
+        _check("exit_relu", exit_relu, isinstance(exit_relu, bool), "true or false")
         _check("mask_head", mask_head, mask_head in MASK_HEADS, "pixel or patch")
         _check("mask_head", mask_head, pixel_head or mask_head == "patch",
                "patch when pixel_head is false (there is no pixel head to take the masks from)")
@@ -347,6 +352,7 @@ class LFDL(nn.Module):
                          "stem_padding": stem_padding, "pixel_head": pixel_head, "mask_head": mask_head,
                          "mask_side": self.size if mask_head == "pixel" else self.grid}
         self.sspsl_fake_anchor = sspsl_fake_anchor
+        self.exit_relu = exit_relu
 
         self.rgb = xception_backbone(stem_padding, RGB_UNUSED)
         self.srm = xception_backbone(stem_padding, SRM_UNUSED)
@@ -385,7 +391,7 @@ class LFDL(nn.Module):
         y4 = self.lfga[1](blocks(S, y3, MIDDLE[0]), x4)
         x5 = blocks(R, x4, MIDDLE[1])
         y5 = self.lfga[2](blocks(S, y4, MIDDLE[1]), x5)
-        y6 = exit_flow(S, y5)
+        y6 = exit_flow(S, y5, self.exit_relu)
 
         out = {"cls": self.classify([y0, y1, y2, y3, y5], y6),
                "loc": self.localize([x0, x1, x2, x3, x4, x5]),
