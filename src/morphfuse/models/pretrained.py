@@ -291,7 +291,7 @@ def _table() -> str:
     rows = ["| weight | config key | id (paper.yaml) | file | SHA-256 | the release loads |",
             "|---|---|---|---|---|---|"]
     for w in WEIGHTS.values():
-        rows.append(f"| {w.what} | `{w.option}` | `{w.hub_id}` | {w.file} | {w.sha256 or 'not published; see SHA256SUMS'}"
+        rows.append(f"| {w.what} | `{w.option}` | `{w.hub_id}` | {w.file} | {w.sha256 or 'not found offline; `weights download` writes it to SHA256SUMS'}"
                     f" | {w.release_file} |")
     return "\n".join(rows)
 
