@@ -121,3 +121,62 @@ def test_pixel_ops():
     assert n.shape == img.shape and n.dtype == np.uint8
     assert A.fancy_pca(img, np.random.default_rng(0)).shape == img.shape
     assert A.gaussian_blur(img, 5).shape == img.shape
+
+
+# ------------------------------------------------------------------- IMDL-BenCo's copy-move and inpainting
+def _textured(seed=0, h=40, w=56):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8), np.zeros((h, w), np.uint8)
+
+
+def test_copy_move_pastes_a_copied_window_and_marks_it():
+    img, mask = _textured()
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        out, m = A.random_copy_move(img, mask, rng)
+        # replay the draws: the source and the destination windows
+        r = np.random.default_rng(seed)
+        cy, cx, wh, ww = A.tamper_window(r, 40, 56)
+        py, px, _, _ = A.tamper_window(r, 40, 56, size=(wh, ww))
+        assert 2 <= wh < 32 and 2 <= ww < 44  # ⌊0.05·side⌋ .. ⌊0.8·side⌋ (exclusive), as IMDL-BenCo
+        np.testing.assert_array_equal(out[py:py + wh, px:px + ww], img[cy:cy + wh, cx:cx + ww])
+        expected = np.zeros_like(mask)
+        expected[py:py + wh, px:px + ww] = 255
+        np.testing.assert_array_equal(m, expected)
+        outside = expected == 0
+        np.testing.assert_array_equal(out[outside], img[outside])
+        assert not mask.any()  # inputs untouched
+
+
+def test_inpainting_fills_a_window_with_opencv_and_marks_it():
+    import cv2
+
+    img, mask = _textured(1)
+    mask[:5, :5] = 255  # an existing manipulation stays
+    flags = set()
+    for seed in range(10):
+        out, m = A.random_inpainting(img, mask, np.random.default_rng(seed))
+        r = np.random.default_rng(seed)
+        y, x, wh, ww = A.tamper_window(r, 40, 56)
+        flag = cv2.INPAINT_TELEA if r.random() > 0.5 else cv2.INPAINT_NS
+        flags.add(flag)
+        region = np.zeros((40, 56), np.uint8)
+        region[y:y + wh, x:x + ww] = 1
+        np.testing.assert_array_equal(out, cv2.inpaint(img, region, 3, flag))
+        assert (m[y:y + wh, x:x + ww] == 255).all() and (m[:5, :5] == 255).all()
+        assert ((m == 255) == ((region == 1) | (mask == 255))).all()
+        np.testing.assert_array_equal(out[region == 0], img[region == 0])
+        assert not np.array_equal(out[region == 1], img[region == 1])
+    assert flags == {cv2.INPAINT_TELEA, cv2.INPAINT_NS}
+
+
+def test_mitl_recipe_tampers_about_one_sample_in_five():
+    """p 0.1 each, independent: an empty mask gains manipulated pixels with probability 1 − 0.9² = 0.19."""
+    img, mask = _textured(2, 32, 32)
+    n = 400
+    hits = sum(A.augment("mitl", img, mask, np.random.default_rng(seed))[1].any() for seed in range(n))
+    assert 0.12 < hits / n < 0.27, hits
+    assert not any(A.augment("lfdl", img, mask, np.random.default_rng(seed))[1].any() for seed in range(60))
+    never = sum(A.imdl_tampering(img, mask, np.random.default_rng(s), 0.0, 0.0)[1].any() for s in range(50))
+    always = sum(A.imdl_tampering(img, mask, np.random.default_rng(s), 1.0, 1.0)[1].any() for s in range(50))
+    assert (never, always) == (0, 50)

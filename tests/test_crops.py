@@ -68,6 +68,63 @@ def test_bad_arguments():
         crop_boxes([], 10, 10, max_frac=1.5)
 
 
+# ----------------------------------------------------------------------------------- the release's crop rule
+FIVE = np.array([[100, 100], [160, 100], [130, 120], [110, 130], [150, 130]], np.float32)  # w 60, h 30
+
+
+def _release_reference(pts, width, height, ratio=1.5):
+    """The IJCAI release's norm_crop_mask, written out: padding ratios scaled by h/w and w/h, then clipped."""
+    x_min, x_max, y_min, y_max = pts[:, 0].min(), pts[:, 0].max(), pts[:, 1].min(), pts[:, 1].max()
+    w, h = x_max - x_min, y_max - y_min
+    dx, dy = w * ratio * (h / w), h * ratio * (w / h)
+    return max(0, x_min - dx), max(0, y_min - dy), min(width, x_max + dx), min(height, y_max + dy)
+
+
+def test_release_rule_widens_the_five_landmark_box():
+    face = Face((95, 80, 165, 160), 1.0, FIVE)
+    (c,) = crop_boxes([face], 640, 480)  # the default rule
+    # dx = 1.5·h = 45 left and right, dy = 1.5·w = 90 above and below: (55, 10, 205, 220)
+    assert c == Crop(0, 55, 10, 205, 220, "face", 0)
+    assert (c.x0, c.y0, c.x1, c.y1) == _release_reference(FIVE, 640, 480)
+    (c,) = crop_boxes([Face(face.box, 1.0, FIVE - [0, 60])], 640, 480)  # near the top: clipped at 0
+    assert (c.y0, c.y1) == (0, 160) and (c.y0, c.y1) == _release_reference(FIVE - [0, 60], 640, 480)[1::2]
+    (c,) = crop_boxes([face], 640, 480, expand=1.0)  # the factor is a parameter
+    assert (c.x0, c.y0, c.x1, c.y1) == (70, 40, 190, 190)
+
+
+def test_release_rule_tests_the_expanded_box_against_0_7():
+    # landmarks moved up 9 px: expanded box (55, 1, 205, 211) = 150×210 = 31,500 px, inside both images below;
+    # the detector box is 70×80 = 5,600 px
+    face = Face((95, 71, 165, 151), 1.0, FIVE - [0, 9])
+    assert crop_boxes([face], 213, 213)[0] == Crop(0, 55, 1, 205, 211, "face", 0)  # 31,500 < 0.7·213² = 31,758
+    assert crop_boxes([face], 212, 212) == [Crop(-1, 0, 0, 212, 212, "face_too_large", 0)]  # > 31,461
+    # the margin rule tests the detector box: a face crop in the same image
+    assert crop_boxes([face], 212, 212, rule="margin")[0].kind == "face"
+    # only the part of the expanded box inside the image counts (as released: the box is clipped first)
+    edge = crop_boxes([Face((0, 80, 60, 160), 1.0, FIVE - [95, 0])], 210, 210)
+    assert edge[0] == Crop(0, 0, 10, 110, 210, "face", 0)  # 110×200 = 22,000 < 30,870
+
+
+def test_release_rule_from_68_points_and_fallback_without_landmarks():
+    from morphfuse.faces.crops import uses_fallback
+    from morphfuse.faces.landmarks import five_points
+
+    rng = np.random.default_rng(0)
+    lm68 = rng.uniform(100, 200, (68, 2)).astype(np.float32)
+    five = five_points(lm68)
+    np.testing.assert_allclose(five, [lm68[36:42].mean(0), lm68[42:48].mean(0), lm68[30], lm68[48], lm68[54]],
+                               rtol=1e-6)
+    (c,) = crop_boxes([Face((90, 90, 210, 210), 1.0, lm68)], 640, 480)
+    ref = _release_reference(five, 640, 480)
+    assert (c.x0, c.y0, c.x1, c.y1) == (math.floor(ref[0]), math.floor(ref[1]), math.ceil(ref[2]), math.ceil(ref[3]))
+    # without landmarks: the margin rule, and the shard counts the fallback
+    (c,) = crop_boxes([Face((250, 160, 350, 240), 1.0, None)], 640, 480)
+    assert c == Crop(0, 235, 148, 365, 252, "face", 0)
+    assert uses_fallback("release", None) and not uses_fallback("margin", None) and not uses_fallback("release", FIVE)
+    with pytest.raises(ValueError, match="rule"):
+        crop_boxes([], 10, 10, rule="wide")
+
+
 # ----------------------------------------------------------------------------------------- reference boxes
 def test_reference_box_from_landmarks_box_estimate_or_none():
     lm = np.stack([np.arange(68), np.arange(68)], 1).astype(np.float32)
@@ -103,8 +160,8 @@ def test_cli_crops_end_to_end(tmp_path):
 
     rc = main(["crops", "--manifest", str(tmp_path / "m.parquet"), "--faces", str(tmp_path / "faces.parquet"),
                "--faces-ledger", str(tmp_path / "faces.csv"), "--out", str(tmp_path / "crops.parquet"),
-               "--ledger", str(tmp_path / "crops.csv"), "--margin", "1.3", "--max-face-area-fraction", "0.7",
-               "--reference-region", "nose", "--reference-pad", "5"])
+               "--ledger", str(tmp_path / "crops.csv"), "--rule", "margin", "--margin", "1.3",
+               "--max-face-area-fraction", "0.7", "--reference-region", "nose", "--reference-pad", "5"])
     assert rc == 0
     df = pd.read_parquet(tmp_path / "crops.parquet")
     assert list(df.columns) == ["image_id", "face_idx", "x0", "y0", "x1", "y1", "kind",
@@ -127,6 +184,16 @@ def test_cli_crops_end_to_end(tmp_path):
     crops_led = pd.read_csv(tmp_path / "crops.csv")
     assert list(crops_led["image_id"]) == ["broken", "no_size"]
     assert "truncated" in crops_led["reason"][0] and (crops_led["stage"] == "crops").all()
+
+    # the default rule is the release's: the 5-point box of the (diagonal) landmarks, widened, tested expanded
+    rc = main(["crops", "--manifest", str(tmp_path / "m.parquet"), "--faces", str(tmp_path / "faces.parquet"),
+               "--out", str(tmp_path / "release.parquet")])
+    rel = pd.read_parquet(tmp_path / "release.parquet")
+    five = np.stack([lm68[36:42].mean(0), lm68[42:48].mean(0), lm68[30], lm68[48], lm68[54]])
+    x0, y0, x1, y1 = _release_reference(five, 640, 480)
+    r = rel.iloc[0]
+    assert rc == 0 and (r.x0, r.y0, r.x1, r.y1) == (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
+    assert rel[rel.image_id == "haar"].iloc[0][["x0", "y0", "x1", "y1"]].tolist() == [85, 82, 215, 238]  # fallback
 
 
 def test_cli_crops_refuses_faces_of_another_shard(tmp_path, capsys):

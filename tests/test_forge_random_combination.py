@@ -71,9 +71,10 @@ def test_random_combination_mask_and_rules(index, pool, backend):
         for seed in range(3):
             res = gen(target, rgb, faces, rng_for(seed, gen.method, target["image_id"]), {}, donors=pool)
             _check(res, rgb, target, index, (1, 1))
-            # the pasted hull is scaled to cover the target's face box: max(wB/wA, hB/hA)
+            # the pasted hull is scaled to cover the target's face box (the detector's, as released): max(wB/wA, hB/hA)
             (info,) = res.extra["placements"]
-            x0, y0, x1, y1 = face_box(faces[0])
+            x0, y0, x1, y1 = face_box(faces[0], "detector")
+            assert (x0, y0, x1, y1) == tuple(float(v) for v in faces[0].box)
             w, h = info["size"]
             assert w >= (x1 - x0) - 1 and h >= (y1 - y0) - 1
             assert min(w - (x1 - x0), h - (y1 - y0)) <= 2
@@ -93,10 +94,12 @@ def test_paste_random_mask_and_rules(index, pool, backend):
                 res = gen(target, rgb, faces, rng_for(seed, gen.method, target["image_id"]), {}, donors=donors)
                 _check(res, rgb, target, idx, (1, 3))
                 n.add(len(res.source_ids) - 1)
+                fw = faces[0].box[2] - faces[0].box[0]
                 for pl in res.extra["placements"]:
                     x, y = pl["xy"]
                     w, h = pl["size"]
                     assert 0 <= x and 0 <= y and x + w <= rgb.shape[1] and y + h <= rgb.shape[0]
+                    assert 0.4 * fw - 1 <= w <= 0.6 * fw + 1, (w, fw)  # 0.4-0.6 x the target's face width
         counts[len(counts)] = n
     assert counts[0] == {1}, "two people per split: one donor of the other person at most"
     assert len(counts[1]) > 1 and counts[1] <= {1, 2, 3}
@@ -132,3 +135,46 @@ def test_no_donor_goes_to_ledger_and_bytes_are_seeded(tmp_path, index, backend):
     for _, r in a.iterrows():
         groups = r["source_groups"].split("|")
         assert groups[0] == r["group"] and groups[1] != groups[0]
+
+
+def test_paste_random_geometry_as_released(index, backend):
+    """Half faces about half the time (left/right/top/bottom), width 0.4-0.6 x the target's detector box, the hull
+    over the forehead; with p_half 0 and scale 1 the previous whole-face, full-width paste."""
+    from morphfuse.forge.random_combination import half_face, hull_cut
+
+    one_split = index.assign(split="train")
+    def load(row):
+        rgb = read_image(Path(row["root"]) / row["path"])
+        return rgb, backend.detect(rgb)
+    donors = DonorPool(one_split, load)
+    gen = RandomCombination({}, "paste_random")
+    parts, scales = [], []
+    for _, target in one_split.iterrows():
+        rgb = read_image(Path(target["root"]) / target["path"])
+        faces = backend.detect(rgb)
+        fw = faces[0].box[2] - faces[0].box[0]
+        for seed in range(4):
+            res = gen(target, rgb, faces, rng_for(seed, gen.method, target["image_id"]), {}, donors=donors)
+            for pl in res.extra["placements"]:
+                parts.append(pl["part"])
+                scales.append(pl["size"][0] / fw)
+    halves = [p for p in parts if p != "whole"]
+    assert 0.3 < len(halves) / len(parts) < 0.7 and set(halves) == {"left", "right", "top", "bottom"}, parts
+    assert 0.39 < min(scales) and max(scales) < 0.61 and max(scales) - min(scales) > 0.1
+    # half_face cuts exactly half of the crop
+    crop = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    alpha = np.ones((6, 8), bool)
+    got = {half_face(crop, alpha, np.random.default_rng(s))[2]: half_face(crop, alpha, np.random.default_rng(s))[:2]
+           for s in range(40)}
+    assert np.array_equal(got["left"][0], crop[:, :4]) and np.array_equal(got["bottom"][0], crop[3:])
+    # the forehead hull reaches above the brows (the release's 81-point model covers the forehead)
+    rgb = read_image(Path(index.iloc[0]["root"]) / index.iloc[0]["path"])
+    lm = backend.detect(rgb)[0].landmarks
+    plain, fore = hull_cut(rgb, lm, forehead=False)[1], hull_cut(rgb, lm, forehead=True)[1]
+    assert fore.shape[0] > plain.shape[0] * 1.15 and fore.sum() > plain.sum() * 1.15
+    old = RandomCombination({"p_half": 0.0, "scale": (1.0, 1.0), "forehead": False}, "paste_random")
+    target = one_split.iloc[0]
+    faces = backend.detect(rgb)
+    res = old(target, rgb, faces, rng_for(0, "paste_random", target["image_id"]), {}, donors=donors)
+    fw = faces[0].box[2] - faces[0].box[0]
+    assert all(pl["part"] == "whole" and abs(pl["size"][0] - fw) <= 1 for pl in res.extra["placements"])

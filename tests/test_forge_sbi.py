@@ -99,8 +99,9 @@ def test_sbi_same_seed_same_bytes(tmp_path, backend):
     b, _ = forge_shard(idx, "sbi", 0, 2, tmp_path / "b", seed=3, backend=backend, progress=False)
     c, _ = forge_shard(idx, "sbi", 0, 2, tmp_path / "c", seed=4, backend=backend, progress=False)
     fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(fa) == 4 and fa == fb
-    assert all(fa[k] != fc[k] for k in fa if k.startswith("images/"))
+    n_companions = int((a["label"] == 0).sum())  # transformed targets added as reals (target_transform: pair)
+    assert len(fa) == 4 + n_companions and fa == fb
+    assert all(fa[k] != fc[k] for k in fa if k.startswith("images/sbi__"))
     pd.testing.assert_frame_equal(a.drop(columns="root"), b.drop(columns="root"))
 
 
@@ -127,8 +128,13 @@ def test_forge_cli_rows_and_ledger(tmp_path, backend, monkeypatch):
                "--out", str(out), "--seed", "0", "--per-real", "2", "--min-face-size", "60", "--no-progress"])
     assert rc == 0
     rows = pd.read_parquet(out / "rows.parquet")
-    assert list(rows["image_id"]) == ["sbi__london__good.jpg__0", "sbi__london__good.jpg__1"]
-    r = rows.iloc[0]
+    fakes = rows[rows["label"] == 1]
+    assert list(fakes["image_id"]) == ["sbi__london__good.jpg__0", "sbi__london__good.jpg__1"]
+    for _, c in rows[rows["label"] == 0].iterrows():  # the transformed target of fake k, as a real
+        k = c["image_id"].rsplit("__", 1)[1]
+        assert c["image_id"] == f"sbi_target__london__good.jpg__{k}" and c["method"] == "sbi_target"
+        assert (c["mask_path"], c["group"], c["split"], c["source_ids"]) == ("", "good", "train", "london__good.jpg")
+    r = fakes.iloc[0]
     assert r["root"] == str(out.resolve()) and r["path"] == "images/sbi__london__good.jpg__0.png"
     assert r["mask_path"] == "masks/sbi__london__good.jpg__0.png" and r["label"] == 1 and r["method"] == "sbi"
     assert r["source"] == "forge" and r["group"] == "good" and r["source_groups"] == "good"
@@ -165,3 +171,70 @@ def test_no_landmarks_goes_to_ledger(tmp_path):
     idx = index_rows(london(1))
     rows, ledger = forge_shard(idx, "sbi", 0, 5, tmp_path, backend=BoxOnly(), progress=False)
     assert rows.empty and [r["reason"] for r in ledger.rows] == ["no 68-point landmarks for the largest face"]
+
+
+# ------------------------------------------------------------------------------- no "tinted => fake" shortcut
+def _dilated(mask: np.ndarray, px: int = 7) -> np.ndarray:
+    import cv2
+
+    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * px + 1, 2 * px + 1), np.uint8)) > 0
+
+
+def _manifest_of(tmp_path, idx, mode, backend, per_real=3):
+    from morphfuse.stages.manifest import build_manifest
+
+    rows, _ = forge_shard(idx, "sbi", 0, 10, tmp_path / mode, seed=0, per_real=per_real, backend=backend,
+                          progress=False, options={"target_transform": mode})
+    return rows, build_manifest(idx.assign(fingerprint=""), [rows], 8)
+
+
+def _matches_a_real(fake_row, manifest) -> bool:
+    fake = read_image(Path(fake_row["root"]) / fake_row["path"])
+    keep = ~_dilated(read_image(Path(fake_row["root"]) / fake_row["mask_path"])[..., 0] > 0)
+    reals = manifest[(manifest["label"] == 0) & (manifest["group"] == fake_row["group"])]
+    return any(np.array_equal(fake[keep], read_image(Path(r["root"]) / r["path"])[keep])
+               for _, r in reals.iterrows())
+
+
+def test_every_sbi_fake_equals_a_real_of_the_manifest_outside_its_mask(tmp_path, backend):
+    idx = index_rows(london(3))
+    rows, man = _manifest_of(tmp_path, idx, "pair", backend)
+    fakes, added = man[man["label"] == 1], man[man["method"] == "sbi_target"]
+    assert len(fakes) == 9 and 0 < len(added) < 9  # the target was transformed in some of them (p 0.5)
+    assert all(_matches_a_real(r, man) for _, r in fakes.iterrows())
+    # the added reals keep the photo's identity and split, and sit in the same shards' split
+    src = idx.set_index("image_id")
+    for _, r in added.iterrows():
+        assert r["label"] == 0 and r["mask_path"] == "" and r["source"] == "forge"
+        assert (r["group"], r["split"]) == tuple(src.loc[r["source_ids"], ["group", "split"]])
+        assert r["shard"].startswith(r["split"])
+    # as released: no real is added, and the fakes whose target was tinted match no real outside their mask
+    _, released = _manifest_of(tmp_path, idx, "as_released", backend)
+    unmatched = [r["image_id"] for _, r in released[released["label"] == 1].iterrows() if not _matches_a_real(r, released)]
+    assert (released["method"] == "sbi_target").sum() == 0
+    assert sorted(unmatched) == sorted(i.replace("sbi_target__", "sbi__") for i in added["image_id"])
+    # source only: the target is always the untouched photo
+    rows_s, man_s = _manifest_of(tmp_path, idx, "source_only", backend)
+    assert (man_s["label"] == 0).sum() == len(idx) and all(_matches_a_real(r, man_s) for _, r in
+                                                           man_s[man_s["label"] == 1].iterrows())
+
+
+def test_bad_target_transform_and_inconsistent_forged_reals(tmp_path, backend, photos):
+    from morphfuse.errors import UserError
+    from morphfuse.forge.sbi import self_blend
+    from morphfuse.stages.manifest import build_manifest
+
+    p, rgb, faces = photos[0]
+    with pytest.raises(ValueError, match="target_transform"):
+        self_blend(rgb, faces[0].landmarks, np.random.default_rng(0), {"target_transform": "both"})
+    idx = index_rows(london(2))
+    rows, _ = _manifest_of(tmp_path, idx, "pair", backend, per_real=4)
+    assert (rows["label"] == 0).any()
+    bad = rows.copy()
+    bad.loc[bad["label"] == 0, "split"] = "test"  # a companion real in another split than its photo
+    with pytest.raises(UserError, match="differ from its source"):
+        build_manifest(idx.assign(fingerprint=""), [bad], 8)
+    orphan = rows.copy()
+    orphan.loc[orphan["label"] == 0, "source_ids"] = "nobody"
+    with pytest.raises(UserError, match="not a real image of the index"):
+        build_manifest(idx.assign(fingerprint=""), [orphan], 8)

@@ -21,7 +21,9 @@ from morphfuse.models.lfdl import (
 
 RELEASE_PARAMS = 63_429_742  # the release's Two_Stream_Net, counted on its code
 RELEASE_DEAD = 8_351_924  # RGB exit flow 6,788,384 + 2 unused fc 8,196 + CMCE convs/BNs 1,550,976 + LFGA BNs 4,368
-OUR_PARAMS = 55_072_951
+OUR_PARAMS = 55_072_951  # without the pixel head (Locate-and-Verify's network)
+# The IJCAI release's seg_header2, counted by hand from its definition: 3×3 728→256 + BN, 3×3 256→64 + BN, 1×1 64→2.
+PIXEL_HEAD_PARAMS = 728 * 256 * 9 + 2 * 256 + 256 * 64 * 9 + 2 * 64 + 64 * 2  # 1,825,536
 NAN4 = [math.nan] * 4
 
 
@@ -63,13 +65,91 @@ def test_forward_shapes_and_probabilities(size):
     batch = {"rgb": torch.rand(2, 3, size, size)}
     out = model(batch)
     g, p = model.grid, model.cls_grid
-    assert (g, p) == (feature_sides(size, 1)[5], feature_sides(size, 1)[6])
+    assert model.geometry["stem_padding"] == 0  # the IJCAI release's default
+    assert (g, p) == (feature_sides(size, 0)[5], feature_sides(size, 0)[6])
     assert out["cls"].shape == (2, 2)
     assert out["loc"].shape == (2, 2, g, g)
     assert out["x5"].shape == (2, 728, g, g)
+    assert out["pix"].shape == (2, 2, size, size)
     score, mask = model.predict_proba(batch)
-    assert score.shape == (2,) and mask.shape == (2, 1, g, g)
+    assert score.shape == (2,) and mask.shape == (2, 1, size, size)  # the pixel head's S×S map
     assert 0 <= float(score.min()) <= float(score.max()) <= 1 and 0 <= float(mask.min()) <= float(mask.max()) <= 1
+    assert torch.allclose(mask, out["pix"].softmax(1)[:, 1:2])
+    model.mask_head = "patch"  # the option: the patch head's G×G map
+    _, patch = model.predict_proba(batch)
+    assert patch.shape == (2, 1, g, g) and torch.allclose(patch, out["loc"].softmax(1)[:, 1:2])
+
+
+def test_pixel_head_is_the_release_seg_header2_upsampled():
+    """pix = bilinear(half-pixel) upsampling of 3×3-3×3-1×1 convolutions of x5, written out with F.conv2d."""
+    torch.manual_seed(3)
+    model = LFDL(64).eval()
+    with torch.no_grad():
+        for m in model.pixel.modules():  # non-trivial BN statistics
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.1, 0.1)
+        out = model({"rgb": torch.rand(1, 3, 64, 64)})
+        c1, b1, _, c2, b2, _, c3 = model.pixel.head
+        bn = lambda x, b: (x - b.running_mean[:, None, None]) / (b.running_var[:, None, None] + b.eps).sqrt() \
+            * b.weight[:, None, None] + b.bias[:, None, None]
+        h = F.relu(bn(F.conv2d(out["x5"], c1.weight, padding=1), b1))
+        h = F.relu(bn(F.conv2d(h, c2.weight, padding=1), b2))
+        ref = F.interpolate(F.conv2d(h, c3.weight), size=(64, 64), mode="bilinear", align_corners=False)
+    assert [c1.bias, c2.bias, c3.bias] == [None, None, None]
+    assert tuple(c1.weight.shape) == (256, 728, 3, 3) and tuple(c3.weight.shape) == (2, 64, 1, 1)
+    assert torch.allclose(out["pix"], ref, atol=1e-5)
+
+
+def test_pixel_loss_is_pixel_cross_entropy_of_the_masked_samples(model40):
+    """loss = cls + patch + pixel; the pixel term against a hand computation: mean over the pixels of the
+    samples that have a mask (the SSPSL fake without a mask gets none)."""
+    batch = make_batch(40)
+    torch.manual_seed(0)
+    g = model40.grid
+    out = {"cls": torch.randn(4, 2), "loc": torch.randn(4, 2, g, g), "x5": torch.randn(4, 728, g, g),
+           "pix": torch.randn(4, 2, 40, 40)}
+    total, parts = model40.loss(out, batch)
+    logp = out["pix"].log_softmax(1)
+    m = batch["mask"][:, 0]
+    nll = -(m * logp[:, 1] + (1 - m) * logp[:, 0])  # (4, 40, 40)
+    ref = nll[:3].mean()  # samples 0-2 have a mask, sample 3 does not
+    assert parts["loss_pix"] == pytest.approx(float(ref), rel=1e-5)
+    assert parts["loss"] == pytest.approx(parts["loss_cls"] + parts["loss_loc"] + parts["loss_pix"], rel=1e-5)
+    assert float(total) == pytest.approx(parts["loss"], rel=1e-6)
+    nomask = {k: v for k, v in batch.items() if k != "mask"}
+    assert model40.loss(out, nomask)[1]["loss_pix"] == 0
+
+
+def test_exit_flow_stops_at_bn4_as_released():
+    """y6 (what the classifier fuses) is bn4's output, unrectified, as the IJCAI release's fea_part3; with
+    exit_relu timm's act4 follows: then the whole SRM path equals timm's own forward_features."""
+    import timm
+
+    from morphfuse.models.lfdl import exit_flow
+
+    torch.manual_seed(0)
+    net = timm.create_model("legacy_xception", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        h = net.act2(net.bn2(net.conv2(net.act1(net.bn1(net.conv1(x))))))
+        for i in range(1, 12):
+            h = getattr(net, f"block{i}")(h)
+        y6, y6_relu, ref = exit_flow(net, h), exit_flow(net, h, relu=True), net.forward_features(x)
+    assert float(y6.min()) < 0 and torch.equal(y6_relu, F.relu(y6))
+    assert torch.allclose(y6_relu, ref, atol=1e-5)
+    assert LFDL(64).exit_relu is False
+
+
+def test_patch_only_network_is_locate_and_verify():
+    with torch.device("meta"):
+        model = LFDL(64, pixel_head=False, mask_head="patch")
+        out = model({"rgb": torch.empty(1, 3, 64, 64)})
+    assert model.pixel is None and "pix" not in out
+    with pytest.raises(UserError, match="mask_head"):
+        LFDL(64, pixel_head=False)  # masks from a pixel head that is not there
+    with pytest.raises(UserError, match="mask_head"):
+        LFDL(64, mask_head="pixels")
 
 
 def test_precomputed_srm_is_used(model40):
@@ -86,8 +166,8 @@ def test_precomputed_srm_is_used(model40):
 
 
 @pytest.mark.parametrize("size,stem_padding,sides", [
-    (299, 1, (150, 75, 38, 19, 19, 19, 10)),  # the release
-    (299, 0, (147, 74, 37, 19, 19, 19, 10)),  # timm's stem: same G and P
+    (299, 1, (150, 75, 38, 19, 19, 19, 10)),  # Locate-and-Verify
+    (299, 0, (147, 74, 37, 19, 19, 19, 10)),  # the IJCAI release and timm: same G and P
     (512, 1, (256, 128, 64, 32, 32, 32, 16)),
 ])
 def test_meta_shapes_at_paper_sizes(size, stem_padding, sides):
@@ -132,7 +212,9 @@ def test_parameter_count_vs_release():
     print(f"\nLFDL parameters at 299: {n:,}; release {RELEASE_PARAMS:,} - dead {RELEASE_DEAD:,} = "
           f"{RELEASE_PARAMS - RELEASE_DEAD:,}; difference {RELEASE_PARAMS - RELEASE_DEAD - n:,} = SRM kernel held "
           "as a (frozen) parameter 225 + LFGA key biases 3×182 + bias before BatchNorm 4,096")
-    assert n == RELEASE_PARAMS - RELEASE_DEAD - 225 - 3 * 182 - 4096 == OUR_PARAMS
+    assert n == RELEASE_PARAMS - RELEASE_DEAD - 225 - 3 * 182 - 4096 + PIXEL_HEAD_PARAMS == OUR_PARAMS + 1_825_536
+    with torch.device("meta"):
+        assert sum(p.numel() for p in LFDL(299, pixel_head=False, mask_head="patch").parameters()) == OUR_PARAMS
     dead = ("rgb.block12", "rgb.conv3", "rgb.bn3", "rgb.conv4", "rgb.bn4", "rgb.fc", "srm.fc")
     assert not [k for k in names if k.startswith(dead)]
     assert any(k.startswith("srm.conv4") for k in names)  # the SRM exit flow feeds the classifier
@@ -142,7 +224,7 @@ def test_fixed_random_embedding_is_a_buffer():
     with torch.device("meta"):
         model = LFDL(299, sspsl_embedding="fixed_random")
     assert "sspsl_proj" in dict(model.named_buffers())
-    assert sum(p.numel() for p in model.parameters()) == OUR_PARAMS
+    assert sum(p.numel() for p in model.parameters()) == OUR_PARAMS + PIXEL_HEAD_PARAMS
     with torch.device("meta"):  # the buffer is seeded: two builds agree
         other = LFDL(299, sspsl_embedding="fixed_random")
     assert torch.equal(model.sspsl_proj, other.sspsl_proj) and model.sspsl_proj.device.type == "cpu"
@@ -151,8 +233,8 @@ def test_fixed_random_embedding_is_a_buffer():
 # ----------------------------------------------------------------------------------- training behaviour
 def test_every_parameter_gets_a_gradient_and_a_tiny_batch_overfits():
     torch.manual_seed(0)
-    model = LFDL(40)  # G = 3, P = 2; the MPFF windows pad 20 → 21, 10 → 12, 5 → 6
-    assert model.geometry["mpff_windows"] == [7, 4, 2, 1, 1]
+    model = LFDL(40)  # sides 17, 9, 5, 3, 3, 3, 2: G = 3, P = 2; the MPFF windows pad 17 → 18 and 5 → 6
+    assert model.geometry["mpff_windows"] == [6, 3, 2, 1, 1]
     batch = make_batch(40)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     reached: set[str] = set()
@@ -326,35 +408,21 @@ def test_options_are_validated_and_workflow_keys_dropped():
         build_model("nope", 64, {})
 
 
-def test_pretrained_local_checkpoint(tmp_path, caplog):
-    import timm
-
-    torch.manual_seed(5)
-    ref = timm.create_model("legacy_xception", pretrained=False)
-    sd = {k: ref.state_dict()[k] for k in ("conv1.weight", "bn1.running_mean", "block12.skip.weight", "fc.weight")}
-    pw = ref.state_dict()["block1.rep.0.pointwise.weight"]
-    sd["block1.rep.0.pointwise.weight"] = pw[:, :, 0, 0]  # Cadene layout: 2-D pointwise weights
-    path = tmp_path / "xception.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
-    with caplog.at_level("INFO"):
-        model = LFDL(40, pretrained=str(path))
-    for net in (model.rgb, model.srm):
-        assert torch.equal(net.conv1.weight, sd["conv1.weight"])
-        assert torch.equal(net.block1.rep[0].pointwise.weight, pw)
-    rep = model.pretrained_report
-    assert sorted(rep["rgb"]["unexpected"]) == ["block12.skip.weight", "fc.weight"]
-    assert rep["srm"]["unexpected"] == ["fc.weight"]
-    assert "bn1.weight" in rep["rgb"]["missing"]
-    assert "tensors loaded" in caplog.text
-    with pytest.raises(UserError, match="no such file"):
-        LFDL(40, pretrained=str(tmp_path / "missing.pth"))
+# Pretrained weights (every format into both streams, strict loading): tests/test_pretrained.py
 
 
 def test_info_cli_prints_json(capsys):
     assert main(["info", "lfdl", "--size", "299"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["parameters"] == OUR_PARAMS
+    assert info["parameters"] == OUR_PARAMS + PIXEL_HEAD_PARAMS
+    assert info["parameters_by_module"]["pixel"] == PIXEL_HEAD_PARAMS
     assert info["outputs"]["loc"] == [1, 2, 19, 19] and info["outputs"]["cls"] == [1, 2]
+    assert info["outputs"]["pix"] == [1, 2, 299, 299]
     assert info["geometry"]["grid"] == 19 and info["geometry"]["cls_grid"] == 10
-    assert 40 < info["forward_gflops"] < 43  # the release's 43.0 less its discarded RGB exit flow (~2.0)
+    assert info["geometry"]["pixel_head"] is True and info["geometry"]["mask_head"] == "pixel"
+    # pixel head: 2·361·(728·256·9 + 256·64·9 + 64·2) = 1.317 GFLOPs on the 19×19 grid
+    assert info["forward_gflops_by_module"]["pixel"] == pytest.approx(2 * 361 * (728 * 256 * 9 + 256 * 64 * 9 + 128) / 1e9,
+                                                                       abs=1e-3)
+    # the release's 43.0 (without seg_header2) less its discarded RGB exit flow (~2.0), plus the pixel head
+    assert 41.3 < info["forward_gflops"] < 44.3
     assert abs(sum(info["forward_gflops_by_module"].values()) - info["forward_gflops"]) < 1e-2

@@ -246,3 +246,36 @@ def test_cli_and_model_file_checks(tmp_path, monkeypatch):
         ckpt.load_model_file(tmp_path / "bad.pt")
     with pytest.raises(UserError, match="trained at size 16"):
         predict_shard("lfdl", Fixed("lfdl", 16), shard, man, tmp_path / "r")
+
+
+def test_real_lfdl_pastes_its_pixel_map_not_the_patch_grid(tmp_path):
+    """A real LFDL (S = 40, G = 3): each crop's S×S pixel-head map is resized into its box; with mask_head: patch
+    the G×G grid is. The two differ, and each equals the hand-pasted map of its head (cv2 resize, max)."""
+    import cv2
+
+    from morphfuse.models.lfdl import LFDL
+
+    torch.manual_seed(0)
+    model = LFDL(40).eval()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    arrays = {"image_id": np.array(["A", "A"]), "face_idx": np.array([0, 1]),
+              "crop_box": np.array([[0, 0, 30, 24], [20, 10, 50, 40]]), "rgb": rgb,
+              "orig_hw": np.array([[40, 60], [40, 60]])}
+    with open(tmp_path / "s.npz", "wb") as f:
+        np.savez(f, **arrays)
+    man = _manifest(tmp_path / "s.parquet", ["A"])
+    batch = {"rgb": torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255}
+    written = {}
+    for head in ("pixel", "patch"):
+        model.mask_head = head
+        _, maps = model.predict_proba(batch)
+        assert maps.shape[-1] == (40 if head == "pixel" else model.grid)
+        expected = np.zeros((40, 60), np.float32)
+        for m, (x0, y0, x1, y1) in zip(maps[:, 0].numpy(), arrays["crop_box"]):
+            up = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+            expected[y0:y1, x0:x1] = np.maximum(expected[y0:y1, x0:x1], up)
+        predict_shard("lfdl", model, tmp_path / "s.npz", man, tmp_path / head)
+        written[head] = read_gray(tmp_path / head / "masks" / "A.png")
+        np.testing.assert_array_equal(written[head], np.round(expected * 255).astype(np.uint8))
+    assert (written["pixel"] != written["patch"]).mean() > 0.5

@@ -23,6 +23,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("crops", "morphfuse.faces.crops", "adaptive face crops (boxes in original coordinates) for one shard"),
     ("features", "morphfuse.features", "LFDL crops + SRM and MITL images + DCT bands for one shard"),
     ("info", "morphfuse.models.info", "parameter count, output shapes and GFLOPs of a model"),
+    ("weights", "morphfuse.models.pretrained",
+     "pretrained backbone weights: list them, check a config offline, download them (the one networked command)"),
     ("train", "morphfuse.training.cli", "train LFDL or MITL (resumable; torchrun for several GPUs)"),
     ("predict", "morphfuse.predict", "per-image scores and full-size probability masks for one shard"),
     ("predictions-from-files", "morphfuse.stages.predictions_from_files",

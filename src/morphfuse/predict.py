@@ -1,7 +1,8 @@
 """Per-image scores and full-size probability masks of one shard, from a trained LFDL or MITL model.
 
-- LFDL: each face crop gets a score and a G×G patch map; the map is upsampled (bilinear) to its crop box and
-  pasted into a zero canvas of the original size with max. Image score (the release's rule): the mean of the face
+- LFDL: each face crop gets a score and a map: the pixel head's S×S map (default, ``lfdl.mask_head: pixel``, as
+  the IJCAI release submits) or the G×G patch map (``mask_head: patch``); the map is resized (bilinear) to its crop
+  box and pasted into a zero canvas of the original size with max. Image score (the release's rule): the mean of the face
   scores ≥ 0.5 if any, else the mean of all face scores (an image without a face has one whole-image crop).
 - MITL: the mask is resized (bilinear) back to the original size; the image score comes from the mask
   (``max``, or the mean of the ``top_percent`` highest pixel probabilities), computed on the stored values
@@ -46,8 +47,9 @@ def resize_prob(prob: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def paste_patch_map(canvas: np.ndarray, patch_map: np.ndarray, box) -> np.ndarray:
-    """Upsample ``patch_map`` (G×G) to the crop ``box`` = (x0, y0, x1, y1) (ints, original px, x1/y1 exclusive)
-    and paste it into ``canvas`` (H×W float) with max, in place. Parts of the box outside the canvas are cut."""
+    """Resize a crop's map (the pixel head's S×S or the patch head's G×G) to the crop ``box`` = (x0, y0, x1, y1)
+    (ints, original px, x1/y1 exclusive) and paste it into ``canvas`` (H×W float) with max, in place. Parts of the
+    box outside the canvas are cut."""
     x0, y0, x1, y1 = (int(round(float(v))) for v in box)
     if x1 <= x0 or y1 <= y0:
         return canvas
@@ -85,7 +87,7 @@ def mask_score(prob: np.ndarray, rule: str = "top_percent", percent: float = 1.0
 
 def lfdl_image_prob(face_scores, patch_maps, crop_boxes, hw) -> tuple[float, np.ndarray]:
     """One image's LFDL score and full-size probability map from its crops (one or more, in the same order):
-    ``face_scores`` (n,), ``patch_maps`` (n, G, G), ``crop_boxes`` (n × (x0, y0, x1, y1), original px), ``hw`` =
+    ``face_scores`` (n,), ``patch_maps`` (n, M, M: S×S pixel maps or G×G patch maps), ``crop_boxes`` (n × (x0, y0, x1, y1), original px), ``hw`` =
     (H, W). Each map is pasted (:func:`paste_patch_map`, max) into a zero H×W float32 canvas; the score is
     :func:`image_score_release` of the crop scores. Returns ``(score, prob)``."""
     h, w = (int(v) for v in hw)
@@ -93,6 +95,9 @@ def lfdl_image_prob(face_scores, patch_maps, crop_boxes, hw) -> tuple[float, np.
     for patch_map, box in zip(patch_maps, crop_boxes):
         paste_patch_map(prob, patch_map, box)
     return image_score_release(face_scores), prob
+
+
+paste_map = paste_patch_map  # the map may be the pixel head's S×S one: the general name
 
 
 def mitl_image_prob(prob_map, hw, rule: str = "top_percent", percent: float = 1.0) -> tuple[float, np.ndarray]:

@@ -21,6 +21,14 @@ try:
 except UserError as e:
     raise WorkflowError(str(e)) from None
 
+# Pretrained weights the config names must be on this machine (nothing is downloaded at run time): a run without
+# them stops here, at planning, naming each one and how to get it (`scratch` trains from scratch on purpose).
+from morphfuse.models.pretrained import missing_weights, weight_paths
+
+_MISSING_WEIGHTS = missing_weights(config)
+if _MISSING_WEIGHTS:
+    raise WorkflowError("pretrained weights not found offline:\n  " + "\n  ".join(_MISSING_WEIGHTS))
+
 RUN = Path(config["results_dir"]) / config["run_name"]
 SHARD_SIZE = int(config["shard_size"])
 EVAL_SPLIT = config["evaluate"]["split"]

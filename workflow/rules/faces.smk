@@ -39,6 +39,7 @@ rule crops:
         R("logs/crops/{shard}.log"),
     shell:
         "{MF} crops --manifest {input.shard} --faces {input.faces} --out {output.crops}"
+        " --rule {params.crops[rule]} --expand {params.crops[expand]}"
         " --margin {params.crops[margin]} --max-face-area-fraction {params.crops[max_face_area_fraction]}"
         " --reference-region {params.crops[reference_region]} --reference-pad {params.crops[reference_pad]}"
         " --faces-ledger {input.faces_ledger} --ledger {output.ledger} > {log} 2>&1"

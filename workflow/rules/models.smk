@@ -20,9 +20,9 @@ def _training_keys(model):
 
 
 def _weights(model):
-    """Pretrained backbone files named in the config: rule inputs, so replacing one retrains."""
-    p = config[model]["pretrained"]
-    return local_files(*(p.values() if isinstance(p, dict) else [p]))
+    """Pretrained backbone files (local paths or hub ids resolved in the local cache): rule inputs, so replacing
+    one retrains."""
+    return weight_paths(config, model)
 
 
 for _model in ("lfdl", "mitl"):

@@ -1,11 +1,21 @@
 """Adaptive face crops for one shard (``morphfuse crops``; LFDL.md, "Adaptive face crop").
 
-Per face: the detector's box enlarged by ``margin`` (1.3) around its centre, width and height each (no squaring;
-the features stage resizes the crop to S×S), rounded outwards to whole pixels and clipped to the image. The whole
-image is used instead when no face was found (``kind = no_face``) or when a face box covers more than
-``max_face_area_fraction`` (0.7) of the image's area (``face_too_large``; the box's area inside the image, before
-the margin). Whole-image crops have ``face_idx = -1``; an image gets at most one, and other faces of the same
-image keep their own crops. Boxes are ints in original pixels, half-open: the crop is ``img[y0:y1, x0:x1]``.
+Two rules (``--rule`` / ``crops.rule``), both keeping boxes in original pixels:
+
+- ``release`` (default; the IJCAI release's ``norm_crop_mask``): the box of the face's 5 landmarks (eye centres,
+  nose tip, mouth corners; from 68 points: :func:`landmarks.five_points`), ``w`` wide and ``h`` high, widened by
+  ``expand``·h (1.5·h) on the left and on the right and by ``expand``·w on the top and on the bottom, clipped to the
+  image. The whole-image test is applied to that EXPANDED, clipped box, as released. A face without landmarks
+  (the ``opencv`` backend) falls back to the ``margin`` rule, and the log counts it.
+- ``margin``: the detector's box enlarged by ``margin`` (1.3) around its centre, width and height each (no
+  squaring; the features stage resizes the crop to S×S); the whole-image test on the unexpanded box (the box's
+  area inside the image).
+
+Then: edges rounded outwards to whole pixels and clipped to the image. The whole image is used instead when no face
+was found (``kind = no_face``) or when the tested box covers more than ``max_face_area_fraction`` (0.7) of the
+image's area (``face_too_large``). Whole-image crops have ``face_idx = -1``; an image gets at most one (the release
+writes one whole-image copy per such face), and other faces of the same image keep their own crops. Boxes are ints
+in original pixels, half-open: the crop is ``img[y0:y1, x0:x1]``.
 
 Each crop also gets the SSPSL reference rectangle (``ref_x0..ref_y1``, original pixels, clipped to the image):
 the box of ``--reference-region`` (nose | mouth | eyes | face) from the face's landmarks, ``--reference-pad``
@@ -31,12 +41,13 @@ import pandas as pd
 from ..errors import UserError
 from ..imageio import atomic_path
 from ..ledger import Ledger, read_ledgers
-from .landmarks import REGIONS, nose_box_from_face_box, region_box
+from .landmarks import REGIONS, five_points, nose_box_from_face_box, region_box
 
 log = logging.getLogger(__name__)
 
 CROPS_COLUMNS = ["image_id", "face_idx", "x0", "y0", "x1", "y1", "kind", "ref_x0", "ref_y0", "ref_x1", "ref_y1"]
 KINDS = ("face", "no_face", "face_too_large")
+RULES = ("release", "margin")
 
 
 class Crop(NamedTuple):
@@ -55,12 +66,25 @@ def _box_of(face) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def crop_boxes(faces: Sequence, width: int, height: int, margin: float = 1.3,
-               max_frac: float = 0.7) -> list[Crop]:
-    """Crop boxes of one image from its face boxes (``Face`` objects or ``(x0, y0, x1, y1)``, in face_idx order).
+def release_box(landmarks, expand: float = 1.5) -> tuple[float, float, float, float] | None:
+    """The IJCAI release's crop box before clipping: the 5-landmark box (w × h) widened by ``expand``·h left and
+    right and by ``expand``·w above and below. None without landmarks."""
+    pts = five_points(landmarks)
+    if pts is None:
+        return None
+    x0, y0 = pts.min(axis=0)
+    x1, y1 = pts.max(axis=0)
+    w, h = x1 - x0, y1 - y0
+    return (float(x0 - expand * h), float(y0 - expand * w), float(x1 + expand * h), float(y1 + expand * w))
 
-    See the module docstring for the rules. A face box that does not overlap the image at all is treated as not
-    found (real detectors never return one).
+
+def crop_boxes(faces: Sequence, width: int, height: int, margin: float = 1.3, max_frac: float = 0.7,
+               rule: str = "release", expand: float = 1.5, landmarks: Sequence | None = None) -> list[Crop]:
+    """Crop boxes of one image from its faces (``Face`` objects or ``(x0, y0, x1, y1)`` boxes, in face_idx order).
+
+    ``landmarks`` (one entry per face, None where unknown) defaults to the faces' own ``landmarks``. See the module
+    docstring for the rules. A face box that does not overlap the image at all is treated as not found (real
+    detectors never return one). :func:`uses_fallback` tells which faces take the margin rule.
     """
     width, height = int(width), int(height)
     if width <= 0 or height <= 0:
@@ -69,30 +93,47 @@ def crop_boxes(faces: Sequence, width: int, height: int, margin: float = 1.3,
         raise ValueError(f"margin must be > 0, got {margin}")
     if not 0 < max_frac <= 1:
         raise ValueError(f"max_frac must be in (0, 1], got {max_frac}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if not expand >= 0:
+        raise ValueError(f"expand must be >= 0, got {expand}")
+    if landmarks is None:
+        landmarks = [getattr(f, "landmarks", None) for f in faces]
     whole = (0, 0, width, height)
     crops: list[Crop] = []
     have_whole = False
     for i, face in enumerate(faces):
         x0, y0, x1, y1 = _box_of(face)
-        inside_w = min(x1, width) - max(x0, 0.0)
-        inside_h = min(y1, height) - max(y0, 0.0)
-        if inside_w <= 0 or inside_h <= 0:
+        if min(x1, width) - max(x0, 0.0) <= 0 or min(y1, height) - max(y0, 0.0) <= 0:
             continue
-        if inside_w * inside_h > max_frac * width * height:
+        box = release_box(landmarks[i], expand) if rule == "release" else None
+        if box is None:  # the margin rule (or the fallback of a face without landmarks)
+            tested = (x0, y0, x1, y1)
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            hw, hh = margin * (x1 - x0) / 2, margin * (y1 - y0) / 2
+            box = (cx - hw, cy - hh, cx + hw, cy + hh)
+        else:
+            tested = box  # the release tests the expanded box
+        inside_w = min(tested[2], width) - max(tested[0], 0.0)
+        inside_h = min(tested[3], height) - max(tested[1], 0.0)
+        if inside_w > 0 and inside_h > 0 and inside_w * inside_h > max_frac * width * height:
             if not have_whole:
                 crops.append(Crop(-1, *whole, "face_too_large", i))
                 have_whole = True
             continue
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        hw, hh = margin * (x1 - x0) / 2, margin * (y1 - y0) / 2
-        bx0, by0 = max(0, math.floor(cx - hw)), max(0, math.floor(cy - hh))
-        bx1, by1 = min(width, math.ceil(cx + hw)), min(height, math.ceil(cy + hh))
+        bx0, by0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+        bx1, by1 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
         if bx1 <= bx0 or by1 <= by0:  # a zero-size face box
             continue
         crops.append(Crop(i, bx0, by0, bx1, by1, "face", i))
     if not crops:
         crops.append(Crop(-1, *whole, "no_face", -1))
     return crops
+
+
+def uses_fallback(rule: str, landmarks) -> bool:
+    """Whether a face falls back to the margin rule under ``rule`` (release rule, no usable landmarks)."""
+    return rule == "release" and five_points(landmarks) is None
 
 
 def reference_box(landmarks, box, region: str, pad: float, width: int, height: int):
@@ -131,8 +172,10 @@ def write_crops(path, rows: list[dict]) -> None:
 
 
 def crop_shard(manifest: pd.DataFrame, faces: pd.DataFrame, margin: float, max_frac: float, region: str,
-               pad: float, ledger: Ledger, skip: dict[str, str] | None = None) -> list[dict]:
-    """Crop rows for every image of ``manifest`` (images in ``skip``, id → reason, get a ledger line instead)."""
+               pad: float, ledger: Ledger, skip: dict[str, str] | None = None, rule: str = "release",
+               expand: float = 1.5, counts: dict | None = None) -> list[dict]:
+    """Crop rows for every image of ``manifest`` (images in ``skip``, id → reason, get a ledger line instead).
+    ``counts["fallback"]`` (if given) is increased by the faces that fell back to the margin rule."""
     skip = skip or {}
     by_image = {k: g.sort_values("face_idx") for k, g in faces.groupby("image_id", sort=False)}
     rows: list[dict] = []
@@ -153,7 +196,9 @@ def crop_shard(manifest: pd.DataFrame, faces: pd.DataFrame, margin: float, max_f
         if g is not None:
             boxes = list(zip(g["x0"], g["y0"], g["x1"], g["y1"]))
             lms = list(g["landmarks"])
-        for c in crop_boxes(boxes, w, h, margin, max_frac):
+        if counts is not None:
+            counts["fallback"] = counts.get("fallback", 0) + sum(uses_fallback(rule, lm) for lm in lms)
+        for c in crop_boxes(boxes, w, h, margin, max_frac, rule=rule, expand=expand, landmarks=lms):
             ref = None
             if c.source_face >= 0:
                 ref = reference_box(lms[c.source_face], boxes[c.source_face], region, pad, w, h)
@@ -174,7 +219,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import default
 
     c = default("crops")
-    parser.add_argument("--margin", type=float, default=c["margin"], help="face box enlargement factor (default %(default)s)")
+    parser.add_argument("--rule", choices=RULES, default=c["rule"],
+                        help="release (default): the 5-landmark box widened by --expand x its height left and right "
+                             "and x its width above and below, the area test on that box; margin: the detector box "
+                             "x --margin, the area test on the detector box")
+    parser.add_argument("--expand", type=float, default=c["expand"],
+                        help="the release rule's factor (default %(default)s)")
+    parser.add_argument("--margin", type=float, default=c["margin"],
+                        help="the margin rule's face box enlargement factor (default %(default)s)")
     parser.add_argument("--max-face-area-fraction", type=float, default=c["max_face_area_fraction"],
                         help="use the whole image when a face box covers more than this fraction of it (0.7)")
     parser.add_argument("--reference-region", default=c["reference_region"], choices=REGIONS,
@@ -190,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--margin must be > 0, got {args.margin}")
     if not 0 < args.max_face_area_fraction <= 1:
         raise UserError(f"--max-face-area-fraction must be in (0, 1], got {args.max_face_area_fraction}")
+    if not args.expand >= 0:
+        raise UserError(f"--expand must be >= 0, got {args.expand}")
     if args.reference_pad < 0:
         raise UserError(f"--reference-pad must be >= 0, got {args.reference_pad}")
     manifest = read_manifest(args.manifest, required=("image_id", "width", "height"))
@@ -207,8 +261,12 @@ def run(args: argparse.Namespace) -> int:
         for r in read_ledgers([args.faces_ledger]).to_dict("records"):
             skip.setdefault(str(r["image_id"]), r["reason"])
     ledger = Ledger("crops")
+    counts: dict = {}
     rows = crop_shard(manifest, faces, args.margin, args.max_face_area_fraction, args.reference_region,
-                      args.reference_pad, ledger, skip)
+                      args.reference_pad, ledger, skip, rule=args.rule, expand=args.expand, counts=counts)
+    if counts.get("fallback"):
+        log.info("crops: %d face(s) without landmarks took the margin rule (x%g) instead of the release rule",
+                 counts["fallback"], args.margin)
     write_crops(args.out, rows)
     if args.ledger:
         ledger.write(args.ledger)

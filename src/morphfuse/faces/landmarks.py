@@ -123,6 +123,18 @@ def region_box(landmarks, region: str, pad: float = 0.0) -> tuple[float, float, 
     return (float(x0 - pad), float(y0 - pad), float(x1 + pad), float(y1 + pad))
 
 
+def five_points(landmarks) -> np.ndarray | None:
+    """The 5 landmarks of RetinaFace / MTCNN (eye on the image's left, eye on the right, nose tip, mouth corner
+    left, mouth corner right) as a ``(5, 2)`` array: as given for 5 points; from 68 points the eye centres (means of
+    36–41 and 42–47), the nose tip (30) and the mouth corners (48, 54). None without landmarks."""
+    pts = _as_points(landmarks)
+    if pts is None:
+        return None
+    if len(pts) == 5:
+        return pts.copy()
+    return np.stack([pts[36:42].mean(axis=0), pts[42:48].mean(axis=0), pts[30], pts[48], pts[54]])
+
+
 def nose_box_from_face_box(box) -> tuple[float, float, float, float]:
     """Estimate the nose box from a face box alone, for landmark-free backends (OpenCV's Haar cascade).
 

@@ -7,7 +7,10 @@
       (config faces.backend, dlib by default); writes DIR/images/{id}.png, DIR/masks/{id}.png (0/255),
       DIR/rows.parquet (manifest rows) and DIR/ledger.csv (inputs that could not be forged, one line each).
       Forgery id: {method}__{target image_id}__{k}, k < per_real. Donors of random_combination/paste_random
-      come from the whole index: same split, other identity.
+      come from the whole index: same split, other identity. A generator may hand back a companion REAL image
+      (SBI with forge.sbi.target_transform: pair, when the colour transform hit the target): it is written as
+      images/{companion method}__{target image_id}__{k}.png with a real row (label 0, no mask, the target's
+      identity and split, method sbi_target, source_ids the target).
   morphfuse forge import --root DIR --out ROWS.parquet [--methods M ...] [--split S] [--ledger CSV]
       Rows for external generator outputs <root>/<method>/{fake,mask|masks}/ (forge/importer.py).
   morphfuse forge sheet --rows ROWS.parquet ... --out SHEET.png [--index INDEX.parquet] [--max-rows 6]
@@ -48,6 +51,7 @@ FACTORIES: dict[str, tuple[str, str]] = {
 ROW_COLUMNS = ["image_id", "root", "path", "label", "mask_path", "source", "method", "group", "source_groups",
                "source_ids", "split", "width", "height", "fingerprint"]
 INDEX_COLUMNS = ("image_id", "root", "path", "label", "group", "split")
+COMPANION_METHOD = {"sbi": "sbi_target"}  # method of the real a generator hands back beside its fake
 STAGE = "forge"
 
 
@@ -170,6 +174,16 @@ def forge_shard(index: pd.DataFrame, method: str, shard: int, shard_size: int, o
             h, w = rgb.shape[:2]
             write_png(out / "images" / f"{fid}.png", res.fake_rgb)
             write_png(out / "masks" / f"{fid}.png", res.mask.astype(np.uint8) * 255)
+            companion = res.extra.get("companion_real")
+            if companion is not None:  # a real to add beside the fake (SBI's transformed target)
+                cmethod = COMPANION_METHOD.get(res.method, f"{res.method}_real")
+                cid = forge_image_id(cmethod, tid, k)
+                write_png(out / "images" / f"{cid}.png", companion)
+                rows.append({"image_id": cid, "root": str(out), "path": f"images/{cid}.png", "label": 0,
+                             "mask_path": "", "source": "forge", "method": cmethod,
+                             "group": str(target["group"]), "source_groups": str(target["group"]),
+                             "source_ids": tid, "split": str(target["split"]), "width": int(w), "height": int(h),
+                             "fingerprint": hashlib.sha256(companion.tobytes()).hexdigest()[:16]})
             rows.append({"image_id": fid, "root": str(out), "path": f"images/{fid}.png", "label": 1,
                          "mask_path": f"masks/{fid}.png", "source": "forge", "method": res.method,
                          "group": str(target["group"]), "source_groups": "|".join(res.source_groups),
@@ -185,8 +199,9 @@ def forge_shard(index: pd.DataFrame, method: str, shard: int, shard_size: int, o
     df = pd.DataFrame(rows, columns=ROW_COLUMNS).astype({"label": "int64", "width": "int64", "height": "int64"})
     write_parquet(out / "rows.parquet", df)
     ledger.write(Path(ledger_path) if ledger_path else out / "ledger.csv")
-    log.info("forge %s shard %d: %d forgeries from %d reals, %d ledger lines, %.1f s", method, shard, len(df),
-             len(targets), len(ledger), time.perf_counter() - t0)
+    log.info("forge %s shard %d: %d forgeries (+ %d companion reals) from %d reals, %d ledger lines, %.1f s", method,
+             shard, int((df["label"] == 1).sum()), int((df["label"] == 0).sum()), len(targets), len(ledger),
+             time.perf_counter() - t0)
     return df, ledger
 
 

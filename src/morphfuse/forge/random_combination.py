@@ -1,16 +1,22 @@
 """Random combination and "paste random" (the authors' release): hull-cut faces of other people pasted into a photo.
 
-- ``random_combination``: the face of donor A (filled convex hull of its 68 landmarks, cut out as an RGBA crop)
-  is scaled to the largest face of target B (scale = max(w_B / w_A, h_B / h_A)), centred on B's face and
-  alpha-pasted; the mask is the pasted hull, clipped to B.
-- ``paste_random``: 1-3 hull-cut faces of other people are pasted at random positions inside B, each scaled to
-  the width of B's largest face; the mask is the union of the pasted hulls.
+- ``random_combination``: the face of donor A (filled convex hull of its landmarks, cut out as an RGBA crop) is
+  scaled to the largest face of target B (scale = max(w_B / w_A, h_B / h_A)), centred on B's face and alpha-pasted;
+  the mask is the pasted hull, clipped to B.
+- ``paste_random``: 1-3 hull-cut faces of other people are pasted at random positions inside B. Each is, with
+  probability ``p_half`` (0.5), cut to a half face first (left or right half, or top or bottom half, all four
+  equally likely), then scaled to a random ``scale`` (0.4-0.6) × the width of B's largest face; the mask is the
+  union of the pasted hulls.
+
+As released (``data_generate/paste_random``): the hull is the release's 81-point dlib model's, which reaches over
+the forehead; with 68 points we extend it over the forehead (``forehead: true``, faces.landmarks.hull_mask); B's
+face is the detector's box (``target_box: detector``; ``landmarks`` takes the box of B's 68 landmarks instead, the
+previous behaviour). A pasted face is placed where it fits when it can; one wider or taller than B is clipped.
 
 Donors come from a :class:`~morphfuse.forge.common.DonorPool`: same split as B, different identity (group),
-and no two donors of one forgery show the same person. Sizes: A's size is its hull's bounding box; B's face
-box is the bounding box of its 68 landmarks when it has them (the same measure, so the pasted hull covers B's
-hull), else the detector box. The alpha is binary (hard paste), so every mask pixel holds a donor pixel; a
-mask pixel keeps B's value only where the two photos happen to agree in all three channels.
+and no two donors of one forgery show the same person. A's size is its hull's bounding box. The alpha is binary
+(hard paste), so every mask pixel holds a donor pixel; a mask pixel keeps B's value only where the two photos
+happen to agree in all three channels.
 """
 from __future__ import annotations
 
@@ -21,12 +27,17 @@ import numpy as np
 
 from .common import Donor, ForgeResult, Skip, has_landmarks, largest_face
 
-DEFAULTS = {"forehead": False, "min_donors": 1, "max_donors": 3}
+DEFAULTS = {"forehead": True, "min_donors": 1, "max_donors": 3, "target_box": "detector",
+            "scale": (0.4, 0.6), "p_half": 0.5}
+TARGET_BOXES = ("detector", "landmarks")
 
 
-def face_box(face) -> tuple[float, float, float, float]:
-    """x0, y0, x1, y1 of a face: its 68-landmark box if it has landmarks, else the detector box."""
-    if has_landmarks(face):
+def face_box(face, target_box: str = "landmarks") -> tuple[float, float, float, float]:
+    """x0, y0, x1, y1 of a face: the detector's box (``target_box="detector"``, as released), or its 68-landmark
+    box when it has landmarks (``"landmarks"``)."""
+    if target_box not in TARGET_BOXES:
+        raise ValueError(f"target_box must be one of {', '.join(TARGET_BOXES)}, got {target_box!r}")
+    if target_box == "landmarks" and has_landmarks(face):
         lm = np.asarray(face.landmarks, dtype=np.float64)[:68]
         return float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max())
     return tuple(float(v) for v in face.box)
@@ -78,10 +89,24 @@ def _usable(d: Donor) -> bool:
     return any(has_landmarks(f) for f in d.faces)
 
 
-def combine(rgb: np.ndarray, target_face, donor_cut, placement: str = "centre", rng=None):
-    """Paste one donor cut (crop, alpha) into a copy of ``rgb``. Returns (fake, mask, info)."""
+def half_face(crop: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """The release's half-face cut: with p 1/2 a vertical split (left or right half), else a horizontal one (top or
+    bottom half), each half with p 1/2. Returns (crop, alpha, which)."""
+    h, w = alpha.shape
+    if rng.random() < 0.5:
+        which = "left" if rng.random() < 0.5 else "right"
+        sl = (slice(None), slice(0, w // 2) if which == "left" else slice(w // 2, None))
+    else:
+        which = "top" if rng.random() < 0.5 else "bottom"
+        sl = (slice(0, h // 2) if which == "top" else slice(h // 2, None), slice(None))
+    return np.ascontiguousarray(crop[sl]), np.ascontiguousarray(alpha[sl]), which
+
+
+def combine(rgb: np.ndarray, target_face, donor_cut, target_box: str = "detector"):
+    """Paste one donor cut (crop, alpha) into a copy of ``rgb``, scaled to cover B's face box and centred on it.
+    Returns (fake, mask, info)."""
     fake, mask = rgb.copy(), np.zeros(rgb.shape[:2], bool)
-    x0, y0, x1, y1 = face_box(target_face)
+    x0, y0, x1, y1 = face_box(target_face, target_box)
     wb, hb = max(1.0, x1 - x0), max(1.0, y1 - y0)
     crop, alpha = donor_cut
     ha, wa = alpha.shape
@@ -115,30 +140,36 @@ class RandomCombination:
         if not picked:
             return Skip(f"no usable donor of another identity in split {target['split']!r}")
         forehead = bool(opts["forehead"])
+        target_box = str(opts["target_box"])
         H, W = rgb.shape[:2]
         if self.method == "random_combination":
             cut = _donor_cut(picked[0], forehead)
             if cut is None:
                 return Skip(f"donor {picked[0].row['image_id']}: empty face hull")
-            fake, mask, info = combine(rgb, tface, cut)
+            fake, mask, info = combine(rgb, tface, cut, target_box)
             placements, used = [info], picked
         else:
             fake, mask = rgb.copy(), np.zeros((H, W), bool)
-            x0, _, x1, _ = face_box(tface)
+            x0, _, x1, _ = face_box(tface, target_box)
             width = max(1.0, x1 - x0)
+            lo, hi = (float(v) for v in opts["scale"])
             placements, used = [], []
             for d in picked:
                 cut = _donor_cut(d, forehead)
                 if cut is None:
                     continue
                 crop, alpha = cut
-                s = width / alpha.shape[1]
-                s = min(s, W / alpha.shape[1], H / alpha.shape[0])      # the pasted face must fit inside B
+                which = "whole"
+                if rng.random() < float(opts["p_half"]):
+                    crop, alpha, which = half_face(crop, alpha, rng)
+                if not alpha.any():
+                    continue
+                s = rng.uniform(lo, hi) * width / alpha.shape[1]
                 crop, alpha = resize_cut(crop, alpha, s)
                 h, w = alpha.shape
-                x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+                x, y = int(rng.integers(0, max(0, W - w) + 1)), int(rng.integers(0, max(0, H - h) + 1))
                 paste(fake, mask, crop, alpha, x, y)
-                placements.append({"scale": s, "xy": (x, y), "size": (w, h)})
+                placements.append({"scale": s, "xy": (x, y), "size": (w, h), "part": which})
                 used.append(d)
         if not used or not mask.any():
             return Skip("pasted face hull falls outside the image")

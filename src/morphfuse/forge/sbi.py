@@ -19,6 +19,13 @@ Where this differs from (or pins down) the release, on purpose:
 - Blend-mask step 5 follows the release: the intermediate size is drawn per side (192-256 each, not square);
   the first blur runs in float64 and "zero below 1" keeps only pixels whose blurred value equals the maximum,
   i.e. an erosion by the first kernel's radius.
+- No "tinted ⇒ fake" shortcut (``target_transform``, FORGERIES.md): when the colour transforms hit the TARGET
+  (p 0.5) every pixel of the fake differs from the original photo, though only the blended region is manipulated.
+  In SBI's own training the real of each pair is that transformed target. ``pair`` (default) hands the transformed
+  target back as ``ForgeResult.extra["companion_real"]``; the forge stage adds it to the manifest as a real (label 0,
+  the photo's identity and split, method ``sbi_target``), so outside its mask every SBI fake equals a real of the
+  manifest. ``source_only`` puts the colour transforms on the source always (the target stays the untouched photo);
+  ``as_released`` keeps the p 0.5 draw and adds no real (the authors' data set, with its shortcut).
 - Output is ``(m·source + (1-m)·target).astype(uint8)`` as released (truncation, not rounding). So outside the
   mask (m = 0) the fake equals the target exactly; inside, a pixel can keep the target's value where m is tiny
   and source ≥ target in every channel, or where source and target agree (saturated pixels). Tests allow for it.
@@ -42,7 +49,9 @@ DEFAULTS = {
     "translate_x": 0.03, "translate_y": 0.015, "scale": (0.95, 1 / 0.95),
     "elastic_alpha": 50.0, "elastic_sigma": 7.0,
     "blend_ratios": (0.25, 0.5, 0.75, 1.0, 1.0, 1.0),
+    "target_transform": "pair",   # pair | source_only | as_released (see the module docstring)
 }
+TARGET_TRANSFORMS = ("pair", "source_only", "as_released")
 
 
 # ------------------------------------------------------------------------------------------ step 3: colour
@@ -161,6 +170,9 @@ def self_blend(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     warped source over the crop window ``box`` = x0, y0, x1, y1),
     ``transformed`` ("source" | "target"), ``hull`` ("forehead" | "68"); None if the blend mask vanished."""
     opts = {**DEFAULTS, **(options or {})}
+    if opts["target_transform"] not in TARGET_TRANSFORMS:
+        raise ValueError(f"forge.sbi.target_transform must be one of {', '.join(TARGET_TRANSFORMS)}, "
+                         f"got {opts['target_transform']!r}")
     H, W = rgb.shape[:2]
     plain = rng.random() < opts["p_plain_hull"]                                        # step 2
     forehead = bool(opts["forehead"]) and not plain
@@ -168,6 +180,8 @@ def self_blend(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     if not hull.any():
         return None
     on_source = rng.random() < opts["p_source"]                                        # step 3
+    if opts["target_transform"] == "source_only":
+        on_source = True  # the same draws as the other modes, so only the choice of copy differs
     source, target = rgb, rgb
     if on_source:
         source = colour_transform(rgb, rng, opts)
@@ -211,6 +225,8 @@ class SBIGenerator:
         if res is None or not res["mask"].any():
             return Skip("SBI blend mask is empty (face hull too small for the blur kernels)")
         extra = {k: res[k] for k in ("target", "blend", "source", "box", "transformed", "hull")}
+        if res["transformed"] == "target" and opts.get("target_transform", DEFAULTS["target_transform"]) == "pair":
+            extra["companion_real"] = res["target"]  # the real of the pair: forge/cli.py adds it as `sbi_target`
         return ForgeResult(fake_rgb=res["fake"], mask=res["mask"], source_ids=[str(target["image_id"])],
                            source_groups=[str(target["group"])], method=self.method, extra=extra)
 

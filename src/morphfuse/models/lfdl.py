@@ -8,25 +8,34 @@ Reads top-down like the paper's figure::
     block3               : both streams take rgb2 + srm2
     block3, 4–7, 8–11    : LFGA, RGB-guided attention that changes the SRM stream only
     localization head    : MPFF over the RGB features x0..x5 → 2 logits per patch on the G×G grid of x5
+    pixel head           : the IJCAI release's seg_header2 on x5 (3×3 728→256, 3×3 256→64, 1×1 64→2), its logits
+                           upsampled (bilinear) to S×S; the masks come from it by default (``mask_head: pixel``)
     classification head  : SRM features y0,y1,y2,y3,y5 max-pooled to P×P, bilinear fusion with the exit flow y6
-    loss                 : L_cls + L_loc (1:1), patch targets from the mask or from SSPSL pseudo labels
+    loss                 : L_cls + L_loc (patch, 1:1) + L_pix (pixel; the IJCAI release's cls + seg1 + seg2);
+                           patch targets from the mask or from SSPSL pseudo labels, pixel targets from the mask
 
 Every grid is derived from the input side S: G (patch grid) is the side of x5, P that of the exit-flow output.
-At S = 299 with the release's stem padding 1 the feature sides are 150, 75, 38, 19, 10 (G = 19, P = 10); with
-timm's padding 0 they are 147, 74, 37, 19, 10 (same G and P, same head widths).
+At S = 299 with the IJCAI release's (and timm's) stem padding 0 the feature sides are 147, 74, 37, 19, 10 (G = 19,
+P = 10); with Locate-and-Verify's padding 1 they are 150, 75, 38, 19, 10 (same G and P, same head widths).
 
 Choices where the paper, the release and our rules differ (each is an option or stated here):
-- ``stem_padding`` 1 (release) or 0 (timm): set as the ``padding`` attribute of the two stem convolutions at
-  construction (configuration of timm's modules; nothing else inside timm is touched).
+- ``stem_padding`` 0 (default: the IJCAI release and timm) or 1 (Locate-and-Verify): set as the ``padding``
+  attribute of the two stem convolutions at construction (configuration of timm's modules; nothing else inside
+  timm is touched).
 - CMCE ``cmce_use_updated_rgb`` (release: true): srm' = ReLU(srm + c·rgb_u) with rgb_u = rgb + c·srm, the
   updated RGB feature before its ReLU, exactly as released; false gives the paper's srm + c·rgb.
 - LFGA: energies are q·k without the 1/√d factor as released (``lfga_scaled: true`` adds it). The key projection
   has no bias: a key bias adds q_i·b to every energy of row i, which the softmax cancels, so it would be a
   parameter that never receives a gradient.
 - Stage outputs are timm's: x1..x5 and y3..y5 are the raw block sums (the next block starts with its own ReLU),
-  y6 ends with act4 (the ReLU after bn4; the release's exit flow stops at bn4 and feeds it unrectified).
+  y6 is bn4's output, unrectified, as the IJCAI release's ``fea_part3`` gives it to the bilinear fusion
+  (``exit_relu: true`` adds timm's act4, the ReLU after bn4).
 - Classification: 2-class softmax cross-entropy (as released; equivalent to 1-logit BCE). The 2048→4096 Linear
   has no bias because a BatchNorm follows (the bias would get an exactly zero gradient).
+- Pixel head (``pixel_head: true``, as the IJCAI release): its loss is the pixel cross-entropy against the full
+  S×S crop mask, averaged over the pixels of the samples that have a mask (reals count: their mask is empty);
+  a fake without a mask (SSPSL) gets no pixel loss, since it has no pixel truth. ``pixel_head: false`` builds
+  Locate-and-Verify's network (patch head only; then ``mask_head`` must be ``patch``).
 - Labels may be soft (mixup): the losses use probability targets. Patch ground truth: a pixel is manipulated when
   its mask value is > 0.5 (the repository's v > 127 rule); a patch is 1 when any pixel of its window is.
 - SSPSL embeddings: ``sspsl_embedding: x5`` (default: L2-normalised x5, no projection that no loss could train)
@@ -34,9 +43,10 @@ Choices where the paper, the release and our rules differ (each is an option or 
   anchor is the batch mean over all pseudo-labelled fakes' reference cells (``sspsl_fake_anchor: batch``, as
   released) or each sample's own (``sample``). A fake without mask is skipped by the localization loss (and
   counted in the ``sspsl_skipped`` loss part) when its ``ref_box`` is NaN / empty or the batch holds no real image.
-- Pretrained weights are optional: ``pretrained`` is a local checkpoint path loaded into both backbones with
-  strict=False (missing / unexpected keys are logged and kept in ``self.pretrained_report``); timm's hub is used
-  only with ``pretrained_hub: true``. The default trains from scratch offline.
+- Pretrained weights: ``pretrained`` names ImageNet Xception weights for both backbones (the releases' start):
+  a local .pth / .safetensors file, a save_pretrained folder or a hub id found in the local cache, never
+  downloaded (models/pretrained.py); loading is strict. ``scratch`` (the default; null too) trains from random
+  initialisation. ``pretrained_hub`` was removed (only ``false`` is accepted, for old model files).
 """
 from __future__ import annotations
 
@@ -66,6 +76,7 @@ EXIT_CHANNELS = 2048
 MPFF_CHANNELS = 512
 MIDDLE = (range(4, 8), range(8, 12))  # blocks 4–7, blocks 8–11
 WORKFLOW_KEYS = NON_MODEL_KEYS  # keys of the config's lfdl block that are not model options
+MASK_HEADS = ("pixel", "patch")
 
 
 # ----------------------------------------------------------------------------------------------- grid helpers
@@ -215,6 +226,22 @@ class LocalizationHead(nn.Module):
         return self.head(torch.cat(maps + [feats[-1]], dim=1))
 
 
+class PixelHead(nn.Module):
+    """The IJCAI release's ``seg_header2`` on x5: 3×3 728→256, BN, ReLU, 3×3 256→64, BN, ReLU, 1×1 64→2 (no
+    biases, as released), then the logits are upsampled (bilinear, half-pixel centres) to the S×S crop."""
+
+    def __init__(self, channels: int = LOC_CHANNELS[-1]):
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 2, 1, bias=False),
+        )
+
+    def forward(self, x5: Tensor, size: int) -> Tensor:
+        return F.interpolate(self.head(x5), size=(size, size), mode="bilinear", align_corners=False)
+
+
 class ClassificationHead(nn.Module):
     """Multi-level SRM features pooled to P×P, bilinear (Hadamard) fusion with the exit flow, → 2 logits."""
 
@@ -237,9 +264,10 @@ class ClassificationHead(nn.Module):
         return self.fc(self.drop2(z))
 
 
-def xception_backbone(stem_padding: int, unused: tuple[str, ...], hub: bool = False) -> nn.Module:
-    """timm's legacy_xception with the stem padding set and the modules LFDL never calls deleted."""
-    net = timm.create_model(BACKBONE, pretrained=hub)
+def xception_backbone(stem_padding: int, unused: tuple[str, ...]) -> nn.Module:
+    """timm's legacy_xception (random init: weights come from ``LFDL.load_backbone_weights``) with the stem
+    padding set and the modules LFDL never calls deleted."""
+    net = timm.create_model(BACKBONE, pretrained=False)
     for conv in (net.conv1, net.conv2):
         conv.padding = (stem_padding, stem_padding)
     for name in unused:
@@ -258,18 +286,20 @@ def blocks(net: nn.Module, x: Tensor, ids: range) -> Tensor:
     return x
 
 
-def exit_flow(net: nn.Module, x: Tensor) -> Tensor:
+def exit_flow(net: nn.Module, x: Tensor, relu: bool = False) -> Tensor:
+    """block12, sepconv3 + BN + ReLU, sepconv4 + BN (+ ReLU with ``relu``: timm's act4; the release stops at bn4)."""
     x = net.block12(x)
     x = net.act3(net.bn3(net.conv3(x)))
-    return net.act4(net.bn4(net.conv4(x)))
+    x = net.bn4(net.conv4(x))
+    return net.act4(x) if relu else x
 
 
 # --------------------------------------------------------------------------------------------------- network
 class LFDL(nn.Module):
-    """Two-stream face-crop detector and patch localizer; protocol of CONTRACTS.md (forward / loss / predict_proba).
+    """Two-stream face-crop detector and localizer; protocol of CONTRACTS.md (forward / loss / predict_proba).
 
-    ``forward(batch)`` returns ``cls`` (B, 2) logits, ``loc`` (B, 2, G, G) patch logits and ``x5`` (B, 728, G, G),
-    the RGB feature SSPSL embeds.
+    ``forward(batch)`` returns ``cls`` (B, 2) logits, ``loc`` (B, 2, G, G) patch logits, ``pix`` (B, 2, S, S)
+    pixel logits (with ``pixel_head``) and ``x5`` (B, 728, G, G), the RGB feature SSPSL embeds.
     """
 
     name = "lfdl"
@@ -278,8 +308,8 @@ class LFDL(nn.Module):
         self,
         size: int = 299,
         *,
-        stem_padding: int = 1,
-        pretrained: str | None = None,
+        stem_padding: int = 0,
+        pretrained: str | None = "scratch",
         pretrained_hub: bool = False,
         cmce_use_updated_rgb: bool = True,
         lfga_scaled: bool = False,
@@ -287,6 +317,9 @@ class LFDL(nn.Module):
         sspsl_embedding: str = "x5",
         sspsl_fake_anchor: str = "batch",
         dropout: float = 0.5,
+        pixel_head: bool = True,
+        mask_head: str = "pixel",
+        exit_relu: bool = False,
         **workflow: Any,
     ):
         super().__init__()
@@ -294,13 +327,19 @@ class LFDL(nn.Module):
         if unknown:
             raise UserError(f"lfdl: unknown option(s) {', '.join(unknown)}; expected stem_padding, pretrained, "
                             "pretrained_hub, cmce_use_updated_rgb, lfga_scaled, mpff_c, sspsl_embedding, "
-                            "sspsl_fake_anchor, dropout")
-        _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (timm) or 1 (release)")
+                            "sspsl_fake_anchor, dropout, pixel_head, mask_head, exit_relu")
+        _check("stem_padding", stem_padding, stem_padding in (0, 1), "0 (IJCAI release, timm) or 1 (Locate-and-Verify)")
         _check("mpff_c", mpff_c, isinstance(mpff_c, (int, float)) and mpff_c > 0, "a positive number")
         _check("sspsl_embedding", sspsl_embedding, sspsl_embedding in ("x5", "fixed_random"), "x5 or fixed_random")
         _check("sspsl_fake_anchor", sspsl_fake_anchor, sspsl_fake_anchor in ("batch", "sample"), "batch or sample")
-        _check("pretrained", pretrained, not (pretrained and pretrained_hub),
-               "null when pretrained_hub is true (choose a local file or timm's hub, not both)")
+        _check("pixel_head", pixel_head, isinstance(pixel_head, bool), "true or false")
+        _check("exit_relu", exit_relu, isinstance(exit_relu, bool), "true or false")
+        _check("mask_head", mask_head, mask_head in MASK_HEADS, "pixel or patch")
+        _check("mask_head", mask_head, pixel_head or mask_head == "patch",
+               "patch when pixel_head is false (there is no pixel head to take the masks from)")
+        _check("pretrained_hub", pretrained_hub, pretrained_hub is False,
+               "false: it was removed; name the weights in lfdl.pretrained (a file, a folder or a hub id such as "
+               "legacy_xception.tf_in1k, found in the local cache; `morphfuse weights download` fetches them)")
         sides = feature_sides(int(size), stem_padding)
         _check("size", size, sides[-1] >= 1, f"a side of at least 32 px (got feature sides {sides})")
 
@@ -310,22 +349,26 @@ class LFDL(nn.Module):
         windows = tuple(-(-s // self.grid) for s in sides[:5])  # window w of x0..x4 after padding to a multiple of G
         self.geometry = {"feature_sides": list(sides), "grid": self.grid, "cls_grid": self.cls_grid,
                          "mpff_windows": list(windows), "loc_channels": sum(w * w for w in windows) + 728,
-                         "stem_padding": stem_padding}
+                         "stem_padding": stem_padding, "pixel_head": pixel_head, "mask_head": mask_head,
+                         "mask_side": self.size if mask_head == "pixel" else self.grid}
         self.sspsl_fake_anchor = sspsl_fake_anchor
+        self.exit_relu = exit_relu
 
-        self.rgb = xception_backbone(stem_padding, RGB_UNUSED, hub=pretrained_hub)
-        self.srm = xception_backbone(stem_padding, SRM_UNUSED, hub=pretrained_hub)
+        self.rgb = xception_backbone(stem_padding, RGB_UNUSED)
+        self.srm = xception_backbone(stem_padding, SRM_UNUSED)
         self.cmce = nn.ModuleList(CMCE(cmce_use_updated_rgb) for _ in range(3))
         self.lfga = nn.ModuleList(LFGA(728, scaled=lfga_scaled) for _ in range(3))
         self.localize = LocalizationHead(windows, mpff_c)
+        self.pixel = PixelHead() if pixel_head else None
+        self.mask_head = mask_head
         self.classify = ClassificationHead(dropout=dropout)
         if sspsl_embedding == "fixed_random":  # seeded, so every run (and every checkpoint) has the same one
             g = torch.Generator(device="cpu").manual_seed(0)
             self.register_buffer("sspsl_proj", torch.randn(256, 728, generator=g, device="cpu") / 728 ** 0.5)
         else:
             self.sspsl_proj = None
-        self.pretrained_report: dict[str, dict[str, list[str]]] = {}
-        if pretrained:
+        self.pretrained_report: dict[str, dict[str, Any]] = {}
+        if pretrained is not None:
             self.pretrained_report = self.load_backbone_weights(pretrained)
 
     # ------------------------------------------------------------------------------------------- forward
@@ -348,11 +391,14 @@ class LFDL(nn.Module):
         y4 = self.lfga[1](blocks(S, y3, MIDDLE[0]), x4)
         x5 = blocks(R, x4, MIDDLE[1])
         y5 = self.lfga[2](blocks(S, y4, MIDDLE[1]), x5)
-        y6 = exit_flow(S, y5)
+        y6 = exit_flow(S, y5, self.exit_relu)
 
-        return {"cls": self.classify([y0, y1, y2, y3, y5], y6),
-                "loc": self.localize([x0, x1, x2, x3, x4, x5]),
-                "x5": x5}
+        out = {"cls": self.classify([y0, y1, y2, y3, y5], y6),
+               "loc": self.localize([x0, x1, x2, x3, x4, x5]),
+               "x5": x5}
+        if self.pixel is not None:
+            out["pix"] = self.pixel(x5, self.size)
+        return out
 
     # ----------------------------------------------------------------------------------------------- loss
     def patch_embeddings(self, x5: Tensor) -> Tensor:
@@ -390,8 +436,25 @@ class LFDL(nn.Module):
         stats = {"sspsl_samples": usable.sum(), "sspsl_skipped": (pseudo & ~usable).sum()}
         return target, weight, stats
 
+    def pixel_loss(self, pix: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Pixel cross-entropy of the S×S logits against the crop mask (> 0.5 is manipulated), averaged over the
+        pixels of the samples that have a mask; 0 when none has one."""
+        b, dev = pix.shape[0], pix.device
+        mask = batch.get("mask")
+        if mask is None:
+            return pix.sum() * 0.0
+        mask = mask.to(dev).float()
+        mask = mask[:, None] if mask.ndim == 3 else mask
+        target = (mask[:, 0] > 0.5).float()
+        has_mask = batch.get("has_mask")
+        weight = (torch.ones(b, device=dev) if has_mask is None else has_mask.to(dev).float())
+        ce = F.cross_entropy(pix, torch.stack([1 - target, target], 1), reduction="none")  # (B, S, S)
+        n = weight.sum() * ce.shape[-1] * ce.shape[-2]
+        return (ce * weight[:, None, None]).sum() / n.clamp_min(1)
+
     def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """L = L_cls + L_loc (1:1), both softmax cross-entropy with probability targets (soft labels allowed)."""
+        """L = L_cls + L_loc (+ L_pix with the pixel head), softmax cross-entropies with probability targets (soft
+        labels allowed), 1:1:1 as in the IJCAI release (cls + seg1 + seg2)."""
         cls, loc = out["cls"].float(), out["loc"].float()
         y = batch["label"].to(cls.device).float()
         loss_cls = F.cross_entropy(cls, torch.stack([1 - y, y], 1))
@@ -400,54 +463,62 @@ class LFDL(nn.Module):
         n = weight.sum() * ce.shape[-1] * ce.shape[-2]
         loss_loc = (ce * weight[:, None, None]).sum() / n.clamp_min(1)  # mean over the supervised patches
         total = loss_cls + loss_loc
-        names = ["loss", "loss_cls", "loss_loc", *stats]
-        values = torch.stack([total.detach(), loss_cls.detach(), loss_loc.detach(),
+        names = ["loss", "loss_cls", "loss_loc"]
+        parts = [loss_cls, loss_loc]
+        if "pix" in out:
+            loss_pix = self.pixel_loss(out["pix"].float(), batch)
+            total = total + loss_pix
+            names.append("loss_pix")
+            parts.append(loss_pix)
+        names += list(stats)
+        values = torch.stack([total.detach(), *(p.detach() for p in parts),
                               *(v.float() for v in stats.values())]).tolist()
         return total, dict(zip(names, values))  # one host synchronisation for all parts
 
     @torch.no_grad()
     def predict_proba(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Face score (B,) = softmax fake probability; mask (B, 1, G, G) = patch fake probability (call .eval())."""
+        """Face score (B,) = softmax fake probability; mask = fake probability of the pixel head (B, 1, S, S), or
+        of the patch head (B, 1, G, G) with ``mask_head: patch`` (call .eval())."""
         out = self.forward(batch)
-        return out["cls"].float().softmax(1)[:, 1], out["loc"].float().softmax(1)[:, 1:2]
+        logits = out["pix"] if self.mask_head == "pixel" else out["loc"]
+        return out["cls"].float().softmax(1)[:, 1], logits.float().softmax(1)[:, 1:2]
 
     # ------------------------------------------------------------------------------------------ pretrained
-    def load_backbone_weights(self, path: str | Path) -> dict[str, dict[str, list[str]]]:
-        """Load a local Xception checkpoint (timm legacy_xception or Cadene layout) into both backbones.
+    def load_backbone_weights(self, spec: str | Path) -> dict[str, dict[str, Any]]:
+        """Load ImageNet Xception weights into both backbones, strictly (models/pretrained.py for what ``spec`` may
+        be: a .pth / .safetensors file, a save_pretrained folder, a hub id in the local cache).
 
-        strict=False: the keys each backbone lacks (``missing``) or the file has in excess (``unexpected``, e.g. the
-        RGB exit flow and fc that LFDL deleted) are logged and returned. Shape mismatches are errors.
+        timm's ``legacy_xception`` layout and Cadene's (2-D pointwise weights, as the IJCAI release's
+        ``xception-b5690688.pth``) are accepted. Every tensor of each backbone must come from the file; the only
+        tensors the file may hold beyond them are those of the modules LFDL deletes (the classifier ``fc``, and
+        the RGB stream's exit flow). Anything else missing or unexpected is a UserError listing the keys.
+        Returns, per stream, the file, the number of tensors loaded and the file's tensors left unused.
         """
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise UserError(f"lfdl.pretrained = {path}: no such file; give a local Xception checkpoint "
-                            "(timm legacy_xception state dict) or null to train from scratch")
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"lfdl.pretrained = {path}: not a readable torch checkpoint ({e})") from None
-        for key in ("state_dict", "model", "state"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-        if not isinstance(sd, dict):
-            raise UserError(f"lfdl.pretrained = {path}: expected a state dict, got {type(sd).__name__}")
-        sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+        from .pretrained import read_state_dict, resolve, strict_report
+
+        path = resolve(spec, "lfdl.pretrained")
+        if path is None:
+            return {}
+        sd = read_state_dict(path, "lfdl.pretrained")
         sd = {k: v[..., None, None] if k.endswith("pointwise.weight") and v.ndim == 2 else v  # Cadene layout
               for k, v in sd.items()}
-        report: dict[str, dict[str, list[str]]] = {}
-        for name, net in (("rgb", self.rgb), ("srm", self.srm)):
+        report: dict[str, dict[str, Any]] = {}
+        for name, net, dropped in (("rgb", self.rgb, RGB_UNUSED), ("srm", self.srm, SRM_UNUSED)):
             own = net.state_dict()
             bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
                    for k in sd if k in own and sd[k].shape != own[k].shape]
             if bad:
                 raise UserError(f"lfdl.pretrained = {path}: shapes differ from legacy_xception: {', '.join(bad[:5])}")
-            res = net.load_state_dict(sd, strict=False)
-            report[name] = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
-            if len(res.missing_keys) == len(own):
-                raise UserError(f"lfdl.pretrained = {path}: no key matches legacy_xception (e.g. {next(iter(sd), '')})")
-            log.info("lfdl.pretrained %s → %s backbone: %d tensors loaded, %d missing %s, %d unexpected %s",
-                     p, name, len(own) - len(res.missing_keys), len(res.missing_keys), res.missing_keys[:8],
-                     len(res.unexpected_keys), _summarise(res.unexpected_keys))
+            missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+            unexpected = [k for k in sd if k not in own and k.split(".")[0] not in dropped]
+            strict_report("lfdl.pretrained", path, f"the {name} stream's Xception (timm legacy_xception)",
+                          missing, unexpected)
+            net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+            unused = sorted(k for k in sd if k not in own)
+            report[name] = {"file": str(path), "loaded": len(own) - len([k for k in own if k not in sd]),
+                            "unused": unused}
+            log.info("lfdl.pretrained %s -> %s stream: %d tensors loaded, unused (modules LFDL drops): %s",
+                     path, name, report[name]["loaded"], _summarise(unused))
         return report
 
 

@@ -31,6 +31,7 @@ Decisions where the spec leaves room (each differs from the release only as said
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import FeatureListNet
-from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.convnext import checkpoint_filter_fn as convnext_filter_fn
 from torch import Tensor
 from transformers import SegformerConfig, SegformerModel
@@ -190,35 +190,35 @@ def six_channel_stem(rgb_weight: Tensor) -> Tensor:
 
 
 def _load_exactly(module: nn.Module, state: dict[str, Tensor], option: str, path: str) -> None:
-    """Load ``state`` into ``module``: every key present and shaped right, else a UserError naming the file."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise UserError(f"mitl.pretrained.{option}: {path} does not fit the network: {str(err).splitlines()[-1]}"
-                        ) from err
-    if missing or unexpected:
-        raise UserError(f"mitl.pretrained.{option}: {path} does not fit the network: {len(missing)} weights "
-                        f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    """Load ``state`` into ``module``: every key present and shaped right, else a UserError listing the keys."""
+    from .pretrained import strict_report
+
+    own = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise UserError(f"mitl.pretrained.{option} = {path}: does not fit the network: shapes differ "
+                        f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    strict_report(f"mitl.pretrained.{option}", path, "the network", set(own) - set(state), set(state) - set(own))
+    module.load_state_dict(state, strict=True)
 
 
-def _existing(path: str | Path, option: str) -> str:
-    if not Path(path).exists():
-        raise UserError(f"mitl.pretrained.{option}: no such file or directory {path!r}; give a local checkpoint "
-                        "or null to train from scratch (nothing is downloaded)")
-    return str(path)
+def load_convnext_checkpoint(net: nn.Module, spec: str | Path) -> None:
+    """Load RGB ConvNeXt weights (timm or Facebook layout; a .pth / .safetensors file, a save_pretrained folder or
+    a hub id in the local cache: models/pretrained.py) into a 6-channel timm ConvNeXt, strictly: the classifier
+    head is skipped, the stem widened by :func:`six_channel_stem`."""
+    from .pretrained import read_state_dict, resolve
 
-
-def load_convnext_checkpoint(net: nn.Module, path: str | Path) -> None:
-    """Load a local RGB ConvNeXt checkpoint (timm or Facebook layout; .pth/.safetensors) into a 6-channel
-    timm ConvNeXt: the classifier head is skipped, the stem widened by :func:`six_channel_stem`."""
-    path = _existing(path, "convnext")
-    state = convnext_filter_fn(timm_load_state_dict(path, weights_only=True), net)
+    path = resolve(spec, "mitl.pretrained.convnext")
+    if path is None:
+        return
+    state = convnext_filter_fn(read_state_dict(path, "mitl.pretrained.convnext"), net)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     if "stem.0.weight" not in state:
-        raise UserError(f"mitl.pretrained.convnext: {path} has no 'stem.0.weight'; expected a ConvNeXt checkpoint")
+        raise UserError(f"mitl.pretrained.convnext = {path}: has no 'stem.0.weight'; expected a ConvNeXt checkpoint")
     state["stem.0.weight"] = six_channel_stem(state["stem.0.weight"])
     head = {k: v for k, v in net.state_dict().items() if k.startswith("head.")}
-    _load_exactly(net, {**state, **head}, "convnext", path)
+    _load_exactly(net, {**state, **head}, "convnext", str(path))
 
 
 _NVLABS_MIT = [  # NVlabs/SegFormer (mit_b3.pth, as the release loads) -> transformers SegformerModel
@@ -258,25 +258,59 @@ def convert_nvlabs_mit(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_segformer_checkpoint(mit: SegformerModel, path: str | Path) -> None:
-    """Load a local RGB MiT checkpoint into a 6-channel SegformerModel, the stem widened by
-    :func:`six_channel_stem`. ``path`` is a transformers directory (``save_pretrained``, e.g. a copy of
-    nvidia/mit-b3; old key names are converted by transformers) or a state-dict file (.pth/.safetensors) in
-    NVlabs' MiT layout (``mit_b3.pth``, as the release loads) or in SegformerModel's own layout."""
-    path = _existing(path, "segformer")
-    if Path(path).is_dir():
-        state = SegformerModel.from_pretrained(path, local_files_only=True).state_dict()
+def _segformer_state_from_folder(folder: Path, path: Path) -> dict[str, Tensor]:
+    """State dict of a transformers SegFormer / MiT folder, via ``from_pretrained`` (which converts older
+    transformers key names); tensors the folder's weights lack are an error, not a random initialisation."""
+    from .pretrained import strict_report
+
+    try:
+        model, info = SegformerModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"mitl.pretrained.segformer = {path}: not a loadable SegFormer / MiT folder "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    heads = ("classifier.", "decode_head.", "segformer.decode_head.")
+    strict_report("mitl.pretrained.segformer", path, "a MiT encoder (SegformerModel)",
+                  list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])],
+                  [k for k in info.get("unexpected_keys", []) if not k.startswith(heads)])
+    return model.state_dict()
+
+
+def load_segformer_checkpoint(mit: SegformerModel, spec: str | Path) -> None:
+    """Load RGB MiT weights into a 6-channel SegformerModel, strictly, the stem widened by :func:`six_channel_stem`.
+
+    ``spec`` (models/pretrained.py) resolves to a transformers folder (``save_pretrained``, e.g. the snapshot of
+    ``nvidia/mit-b3``) or a state-dict file (.pth / .safetensors) in NVlabs' original MiT layout (``mit_b3.pth``,
+    as the release loads: converted by :func:`convert_nvlabs_mit`), in transformers' older layout
+    (``encoder.block...``, ``segformer.`` prefix allowed: converted by transformers' own loader) or in
+    SegformerModel's layout."""
+    import tempfile
+
+    from .pretrained import read_state_dict, resolve, weights_file
+
+    path = resolve(spec, "mitl.pretrained.segformer")
+    if path is None:
+        return
+    if path.is_dir() and (path / "config.json").is_file():
+        state = _segformer_state_from_folder(path, path)
     else:
-        state = timm_load_state_dict(path, weights_only=True)
+        state = read_state_dict(path, "mitl.pretrained.segformer")
         state = {k.removeprefix("segformer."): v for k, v in state.items()}
         if "patch_embed1.proj.weight" in state:
             state = convert_nvlabs_mit(state)
+        elif any(k.startswith("encoder.") for k in state):  # transformers' older names: let transformers convert
+            file = weights_file(path, "mitl.pretrained.segformer")
+            with tempfile.TemporaryDirectory() as tmp:
+                config = SegformerConfig(**{**mit.config.to_dict(), "num_channels": 3})
+                config.save_pretrained(tmp)
+                name = "model.safetensors" if file.suffix == ".safetensors" else "pytorch_model.bin"
+                os.symlink(file.resolve(), os.path.join(tmp, name))
+                state = _segformer_state_from_folder(Path(tmp), path)
     stem = "stages.0.patch_embeddings.proj.weight"
     if stem not in state:
-        raise UserError(f"mitl.pretrained.segformer: {path} has no MiT stem weight; expected a MiT/SegFormer "
-                        "encoder checkpoint (transformers directory, NVlabs mit_b3.pth or SegformerModel state dict)")
+        raise UserError(f"mitl.pretrained.segformer = {path}: has no MiT stem weight; expected a MiT/SegFormer "
+                        "encoder checkpoint (transformers folder, NVlabs mit_b3.pth or SegformerModel state dict)")
     state[stem] = six_channel_stem(state[stem])
-    _load_exactly(mit, state, "segformer", path)
+    _load_exactly(mit, state, "segformer", str(path))
 
 
 def convnext_tiny_features(checkpoint: str | Path | None = None) -> FeatureListNet:
@@ -304,7 +338,7 @@ class MITL(nn.Module):
     """Whole-image tampering localisation; ``forward``/``loss``/``predict_proba`` follow docs/CONTRACTS.md.
 
     Options (the config's ``mitl:`` block): ``low_band`` ('l_shape' | 'square'), ``pretrained`` ({convnext,
-    segformer}: local checkpoint paths or null), ``score`` ({rule: 'max' | 'top_percent', percent}),
+    segformer}: each scratch / null, a local file or folder, or a hub id in the local cache; models/pretrained.py), ``score`` ({rule: 'max' | 'top_percent', percent}),
     ``drop_path`` (MiT stochastic depth, 0.1). ``gpus``, ``paper`` and ``train`` are accepted and ignored.
     """
 
@@ -321,7 +355,12 @@ class MITL(nn.Module):
             raise UserError(f"mitl.size must be a positive multiple of {SIZE_MULTIPLE}, got {size}")
         if low_band not in LOW_BANDS:
             raise UserError(f"mitl.low_band must be one of {LOW_BANDS}, got {low_band!r}")
-        pretrained = dict(pretrained or {})
+        if pretrained is None or pretrained == "scratch":
+            pretrained = {}
+        if not isinstance(pretrained, dict):
+            raise UserError(f"mitl.pretrained = {pretrained!r}: must be scratch or a mapping with keys convnext and "
+                            "segformer (each scratch, a local file or folder, or a hub id in the local cache)")
+        pretrained = dict(pretrained)
         if set(pretrained) - {"convnext", "segformer"}:
             raise UserError(f"mitl.pretrained takes keys convnext and segformer, got {sorted(pretrained)}")
         score = {"rule": "top_percent", "percent": 1.0, **(score or {})}

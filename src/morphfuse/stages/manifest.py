@@ -1,5 +1,8 @@
 """Merge the index and the forgeries into the manifest and cut it into shards.
 
+Forge rows may include reals (label 0) made beside a fake: SBI's colour-transformed target
+(``forge.sbi.target_transform: pair``, method ``sbi_target``); they keep their photo's identity and split (checked).
+
 Shards never mix splits: ``{split}_{k:05d}`` holds up to ``shard_size`` images of one split, in image_id
 order. Training reads the train and val shards; prediction, fusion and evaluation run on the evaluated split only.
 """
@@ -43,8 +46,31 @@ def forge_shard_count(index: pd.DataFrame, shard_size: int) -> int:
     return (n + shard_size - 1) // shard_size
 
 
+def check_forged_reals(index: pd.DataFrame, forged: pd.DataFrame) -> None:
+    """Reals made by the forge stage (label 0: SBI's transformed targets, method ``sbi_target``) must name the one
+    real photo of the index they were made from, with its identity (group) and split, so that splits stay
+    person-disjoint and every such real is a copy of a known person."""
+    reals = forged[forged["label"].astype(int) == 0]
+    if not len(reals):
+        return
+    known = index[index["label"].astype(int) == 0].set_index("image_id")
+    for r in reals.to_dict("records"):
+        src = str(r["source_ids"])
+        if src not in known.index:
+            raise UserError(f"forged real {r['image_id']!r}: its source {src!r} is not a real image of the index")
+        k = known.loc[src]
+        if str(k["group"]) != str(r["group"]) or str(k["split"]) != str(r["split"]):
+            raise UserError(f"forged real {r['image_id']!r}: identity/split {r['group']}/{r['split']} differ from "
+                            f"its source {src!r} ({k['group']}/{k['split']})")
+
+
 def build_manifest(index: pd.DataFrame, forged: list[pd.DataFrame], shard_size: int) -> pd.DataFrame:
+    """Index rows + forged rows (fakes, and the reals a generator adds beside its fakes: ``sbi_target``), checked
+    and cut into shards."""
     parts = [index[MANIFEST_COLUMNS]] + [f[MANIFEST_COLUMNS] for f in forged if len(f)]
+    for f in forged:
+        if len(f):
+            check_forged_reals(index, f)
     df = pd.concat(parts, ignore_index=True)
     dup = df["image_id"][df["image_id"].duplicated()]
     if len(dup):
@@ -63,5 +89,7 @@ def run(args) -> int:
     for name, part in df.groupby("shard"):
         write_parquet(out / "shards" / f"{name}.parquet", part.reset_index(drop=True))
     write_csv(out / "shards.csv", shards)
-    log.info("manifest: %d images in %d shards", len(df), len(shards))
+    extra = int(((df["source"] == "forge") & (df["label"].astype(int) == 0)).sum())
+    log.info("manifest: %d images in %d shards (%d of them reals made by the forge stage, e.g. sbi_target)",
+             len(df), len(shards), extra)
     return 0

@@ -16,8 +16,9 @@ Recipes, as in the releases (probabilities read from the authors' albumentations
   p .5; grey p .1, JPEG 60–100 p .3, Gaussian blur 3×3 p .05, Gaussian noise (variance 10–50) p .1, one of
   brightness/contrast, FancyPCA, hue/saturation/value p .5.
 - MITL (Mesorch / IMDL-BenCo): random scale ±.2 (resample to s·size and back: the release's ``RandomScale`` followed
-  by its resize to the network size), horizontal and vertical flip p .5 each, brightness ±.1 / contrast ±.1,
-  JPEG 70–100 p .2, rot90 p .5, Gaussian blur 3–7 p .2.
+  by its resize to the network size), IMDL-BenCo's RandomCopyMove p .1 and RandomInpainting p .1 (they write 255
+  into the mask), horizontal and vertical flip p .5 each, brightness ±.1 / contrast ±.1, JPEG 70–100 p .2, rot90
+  p .5, Gaussian blur 3–7 p .2.
 """
 from __future__ import annotations
 
@@ -206,6 +207,60 @@ def fancy_pca(img: np.ndarray, rng: np.random.Generator, alpha: float = 0.1) -> 
     return np.clip(np.rint(img.astype(np.float64) + delta * 255.0), 0, 255).astype(np.uint8)
 
 
+# ----------------------------------------------------------------- IMDL-BenCo's tampering augmentations (MITL)
+def tamper_window(rng: np.random.Generator, h: int, w: int, min_frac: float = 0.05, max_frac: float = 0.8,
+                  size: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """A random window ``(y, x, height, width)`` as IMDL-BenCo draws it: each side uniform in
+    [max(1, ⌊min_frac·side⌋), max(that + 1, ⌊max_frac·side⌋)) (upper bound excluded), or ``size``; the
+    position uniform over the places where it fits."""
+    if size is None:
+        lo_h, lo_w = max(1, int(h * min_frac)), max(1, int(w * min_frac))
+        hi_h, hi_w = max(lo_h + 1, int(h * max_frac)), max(lo_w + 1, int(w * max_frac))
+        wh, ww = int(rng.integers(lo_h, hi_h)), int(rng.integers(lo_w, hi_w))
+    else:
+        wh, ww = size
+    wh, ww = min(wh, h), min(ww, w)
+    return int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1)), wh, ww
+
+
+def random_copy_move(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, min_frac: float = 0.05,
+                     max_frac: float = 0.8, mask_value: int = 255):
+    """IMDL-BenCo's RandomCopyMove: a random window of the image is copied onto another random place of the same
+    size; the pasted window becomes ``mask_value`` in the mask. Returns new ``(img, mask)``."""
+    h, w = mask.shape
+    cy, cx, wh, ww = tamper_window(rng, h, w, min_frac, max_frac)
+    py, px, _, _ = tamper_window(rng, h, w, min_frac, max_frac, size=(wh, ww))
+    img, mask = img.copy(), mask.copy()
+    img[py:py + wh, px:px + ww] = img[cy:cy + wh, cx:cx + ww].copy()
+    mask[py:py + wh, px:px + ww] = mask_value
+    return img, mask
+
+
+def random_inpainting(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, min_frac: float = 0.05,
+                      max_frac: float = 0.8, mask_value: int = 255):
+    """IMDL-BenCo's RandomInpainting: a random window is filled by OpenCV inpainting (radius 3, Telea or
+    Navier-Stokes with probability 1/2 each); the window becomes ``mask_value`` in the mask."""
+    h, w = mask.shape
+    y, x, wh, ww = tamper_window(rng, h, w, min_frac, max_frac)
+    flag = cv2.INPAINT_TELEA if rng.random() > 0.5 else cv2.INPAINT_NS
+    region = np.zeros((h, w), np.uint8)
+    region[y:y + wh, x:x + ww] = 1
+    img = cv2.inpaint(np.ascontiguousarray(img), region, 3, flag)
+    mask = mask.copy()
+    mask[y:y + wh, x:x + ww] = mask_value
+    return img, mask
+
+
+def imdl_tampering(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p_copy_move: float = 0.1,
+                   p_inpainting: float = 0.1):
+    """RandomCopyMove (p 0.1) then RandomInpainting (p 0.1), in IMDL-BenCo's training order (after the scale)."""
+    if rng.random() < p_copy_move:
+        img, mask = random_copy_move(img, mask, rng)
+    if rng.random() < p_inpainting:
+        img, mask = random_inpainting(img, mask, rng)
+    return img, mask
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 def augment_lfdl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, box=None):
     """The LFDL (Locate-and-Verify) training augmentation. Returns ``(img, mask, box)``, same sizes as given."""
@@ -239,6 +294,7 @@ def augment_lfdl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, bo
 def augment_mitl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, box=None):
     """The MITL (Mesorch) training augmentation. Returns ``(img, mask, box)``, same sizes as given."""
     img, mask, box = rescale(img, mask, box, 1.0 + rng.uniform(-0.2, 0.2))
+    img, mask = imdl_tampering(img, mask, rng)  # copy-move and inpainting, p 0.1 each: they write 255 into the mask
     if rng.random() < 0.5:
         img, mask, box = flip(img, mask, box, 1)
     if rng.random() < 0.5:
