@@ -353,3 +353,35 @@ def test_real_lfdl_trains_resumes_and_predicts(tmp_path):
     assert out["predicted"] == len(ids)
     sc = pd.read_csv(tmp_path / "pred" / "scores.csv")
     assert len(sc) == len(ids) and sc.score.between(0, 1).all()
+
+
+# ------------------------------------------------------------------------------------------ streaming data
+def test_training_data_is_streamed_from_the_shards(tmp_path):
+    """The index reads headers and per-row labels only; a sample reads its own row; fingerprint from ids."""
+    from morphfuse.features import load_feature_shard
+    from morphfuse.training.data import FeatureDataset, SplitRows, finish_batch, fingerprint, open_shards
+
+    a = write_shard(tmp_path / "a.npz", 10, 4, seed=0)
+    b = write_shard(tmp_path / "b.npz", 6, 2, seed=1)
+    pool = open_shards([a, b], "lfdl", S)
+    rows = SplitRows(pool, "lfdl", "train", precomputed=False)
+    pixel_bytes = S * S * 4  # one row of rgb + mask
+    assert len(rows) == 16 and pool.bytes_read < pixel_bytes  # split, label, has_mask only
+    whole = [load_feature_shard(p) for p in (a, b)]
+    train = {k: np.concatenate([w[k][w["split"] == "train"] for w in whole]) for k in ("image_id", "face_idx", "rgb")}
+    assert rows.fingerprint() == fingerprint(train)
+    before = pool.bytes_read
+    ds = FeatureDataset(rows, "lfdl", augment=False, seed=0)
+    item = ds[12]  # row 2 of the second shard
+    np.testing.assert_array_equal(item["rgb"].permute(1, 2, 0).numpy(), train["rgb"][12])
+    assert item["rgb"].dtype == torch.uint8 and int(item["row"]) == 12
+    assert pool.bytes_read - before == pixel_bytes + 16  # rgb + mask + ref_box of that row, nothing else
+    batch = finish_batch(torch.utils.data.default_collate([ds[i] for i in (0, 12)]))
+    old = torch.from_numpy(train["rgb"][[0, 12]]).permute(0, 3, 1, 2).float() / 255.0  # the former per-item rule
+    assert batch["rgb"].dtype == torch.float32 and torch.equal(batch["rgb"], old)
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0} and batch["mask"].shape == (2, 1, S, S)
+    # A damaged shard is a one-line error naming the file.
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(a.read_bytes()[:5000])
+    with pytest.raises(UserError, match="bad.npz"):
+        open_shards([bad], "lfdl", S)
