@@ -544,3 +544,21 @@ def test_ddp_balanced_disjoint_ranks_and_kill9_resume(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     sa, sb = state(tmp_path / "straight" / "model.pt")["state_dict"], state(out / "model.pt")["state_dict"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_memory_request_follows_batch_workers_and_gpus():
+    """SLURM mem_mb of the train rules: from batch size, data workers and processes (one per GPU); the formula
+    by hand, and the profile leaves it to the rule."""
+    from morphfuse.config import deep_update
+    from morphfuse.training.resources import BASE_MB, MARGIN, WORKER_MB, train_mem_mb, train_mem_mb_from_config
+
+    per = BASE_MB["lfdl"] + 4 * WORKER_MB + 76 * (299 * 299 * 4 / 2**20) * (8 + 2 * 4)
+    assert train_mem_mb("lfdl", 299, 76, 4, 8) == int(np.ceil(8 * per * MARGIN / 1000) * 1000)
+    assert train_mem_mb("mitl", 512, 10, 4, 8) > train_mem_mb("mitl", 512, 10, 0, 8) > train_mem_mb("mitl", 512, 10, 0, 1)
+    assert train_mem_mb("lfdl", 299, 304, 4, 8) > train_mem_mb("lfdl", 299, 76, 4, 8)
+    paper = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()),
+                        yaml.safe_load((REPO / "configs" / "paper.yaml").read_text()))
+    assert train_mem_mb_from_config(paper, "lfdl") == train_mem_mb("lfdl", 299, 76, 4, 8)
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert all("mem_mb" not in profile["set-resources"][f"train_{m}"] for m in ("lfdl", "mitl"))
+    assert "train_mem_mb_from_config(config, _model)" in (REPO / "workflow" / "rules" / "models.smk").read_text()

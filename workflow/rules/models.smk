@@ -15,6 +15,8 @@ def _model_params(model):
     return {k: v for k, v in config[model].items() if k not in ("paper", "gpus", "threads")}
 
 
+from morphfuse.training.resources import train_mem_mb_from_config
+
 MODEL_CODE = {
     "lfdl": code_hash("models/__init__.py", "models/lfdl.py", "srm.py", "training", "features.py"),
     "mitl": code_hash("models/__init__.py", "models/mitl.py", "dct.py", "training", "features.py"),
@@ -40,6 +42,8 @@ for _model in ("lfdl", "mitl"):
         threads: int(config[_model].get("threads", 1))
         resources:
             gpu=int(config[_model].get("gpus", 1)),
+            # from batch size, workers and processes, not from the data (training streams it)
+            mem_mb=train_mem_mb_from_config(config, _model),
         conda:
             CONDA_ENV
         log:
