@@ -286,3 +286,45 @@ def test_manifest_mode_and_tables(tmp_path, capsys):
     mdmf = pd.read_parquet(ev / "mdmf" / "s00000.parquet")
     fk = mdmf[mdmf["label"] == 1]
     assert t2["f1"][0] == pytest.approx(2 * fk["TP"].sum() / (2 * fk["TP"].sum() + fk["FP"].sum() + fk["FN"].sum()))
+
+
+def test_tables_reduce_per_file_and_join_by_id(tmp_path, capsys):
+    """`tables` reads the count files one at a time: the swapped row joins lfdl scores onto mitl counts by image
+    id across files (an image without a valid lfdl row is counted as left out), groups are coded as their sorted
+    names (the bootstrap's resamples), and an image counted twice is named."""
+    rng = np.random.default_rng(5)
+
+    def rows(ids, variant, ok=True):
+        n = len(ids)
+        tp = rng.integers(0, 50, n)
+        return pd.DataFrame({"image_id": ids, "label": [i % 2 for i in range(n)], "score": rng.random(n),
+                             "group": [f"g{i % 3}" for i in range(n)], "variant": variant, "TP": tp,
+                             "FP": rng.integers(0, 9, n), "FN": rng.integers(0, 9, n), "TN": 1000 - tp, "ok": ok,
+                             "threshold": 0.5})
+
+    ev = tmp_path / "ev"
+    (ev / "lfdl").mkdir(parents=True)
+    (ev / "mitl").mkdir()
+    ids = [f"im{i:02d}" for i in range(20)]
+    lf_a, lf_b = rows(ids[:10], "lfdl"), rows(ids[10:19], "lfdl")  # im19 has no lfdl row
+    mi = rows(ids[::-1], "mitl")  # another order, one file
+    lf_a.to_parquet(ev / "lfdl" / "a.parquet")
+    lf_b.to_parquet(ev / "lfdl" / "b.parquet")
+    mi.to_parquet(ev / "mitl" / "a.parquet")
+    assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t"), "--bootstrap", "30",
+                 "--no-figures"]) == 0
+    t = pd.read_csv(tmp_path / "t" / "ablation.csv").set_index("variant")
+    joined = mi.drop(columns="score").merge(pd.concat([lf_a, lf_b])[["image_id", "score"]], on="image_id")
+    assert t.loc["lfdl_score_mitl_mask", "n_images"] == 19 and t.loc["lfdl_score_mitl_mask", "n_errors"] == 1
+    assert t.loc["lfdl_score_mitl_mask", "auc"] == pytest.approx(roc_auc_score(joined["label"], joined["score"]))
+    assert t.loc["mitl", "n_groups"] == 3
+    # the same counts in one file give the same table, intervals included (same group codes, same resamples)
+    pd.concat([lf_a, lf_b]).to_parquet(ev / "lfdl" / "a.parquet")
+    (ev / "lfdl" / "b.parquet").unlink()
+    assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t2"), "--bootstrap", "30",
+                 "--no-figures"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t" / "ablation.csv"),
+                                  pd.read_csv(tmp_path / "t2" / "ablation.csv"))
+    lf_b.iloc[:1].to_parquet(ev / "lfdl" / "dup.parquet")
+    assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t3"), "--no-figures"]) == 2
+    assert "image 'im10'" in capsys.readouterr().err
