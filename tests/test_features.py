@@ -275,3 +275,9 @@ def test_streamed_shard_is_what_savez_writes(tmp_path):
         np.testing.assert_array_equal(loaded[k], v)
     np.testing.assert_array_equal(new.rows("rgb", [2, 0]), arrays["rgb"][[2, 0]])
     assert features.feature_shard_meta(tmp_path / "new.npz") == {"n": 3}
+    lazy = features.open_feature_shard(tmp_path / "new.npz")
+    assert lazy["rgb"].shape == (3, 7, 7, 3) and isinstance(lazy["label"], np.ndarray)
+    before = lazy["rgb"].store.bytes_read
+    np.testing.assert_array_equal(lazy["rgb"][np.array([1, 2])], arrays["rgb"][1:3])
+    np.testing.assert_array_equal(lazy["srm"][0], arrays["srm"][0])
+    assert lazy["rgb"].store.bytes_read - before == 2 * 7 * 7 * 3 + 3 * 7 * 7 * 2  # those rows only

@@ -272,6 +272,24 @@ def load_feature_shard(path: str | os.PathLike, keys=None) -> dict[str, np.ndarr
     return arrays
 
 
+LAZY_MEMBERS = ("rgb", "mask", "srm", "dct_high", "dct_low")
+
+
+def open_feature_shard(path: str | os.PathLike, lazy=LAZY_MEMBERS) -> dict:
+    """Like :func:`load_feature_shard`, but the per-row pixel members (``lazy``) are
+    :class:`morphfuse.shards.RowsView` objects that read only the rows asked for (``arrays["rgb"][rows]``), so a
+    stage holds a batch, not the shard. The small members (ids, labels, boxes) are read whole."""
+    from .shards import NpzRows, RowsView
+
+    store = NpzRows(path)
+    arrays = {k: (RowsView(store, k) if k in lazy else store.read(k)) for k in store.members if k != "meta"}
+    lengths = {k: len(v) for k, v in arrays.items() if getattr(v, "ndim", 1)}
+    if len(set(lengths.values())) > 1:
+        raise UserError(f"{path}: arrays of different lengths {lengths}; the shard is damaged, "
+                        "rerun `morphfuse features`")
+    return arrays
+
+
 def feature_shard_meta(path: str | os.PathLike) -> dict:
     """The shard's metadata: kind (lfdl|mitl), mode, size, low_band (mitl), n, format."""
     with np.load(path, allow_pickle=False) as z:

@@ -229,3 +229,27 @@ class ShardPool:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()
         return state
+
+
+class RowsView:
+    """A member read on demand: ``view[rows]`` (an int, a slice or an index array) reads only those rows."""
+
+    def __init__(self, store: NpzRows, name: str):
+        self.store, self.name = store, name
+        m = store.member(name)
+        self.shape, self.dtype = m.shape, m.dtype
+        self.ndim = len(m.shape)
+
+    def __len__(self) -> int:
+        return int(self.shape[0]) if self.shape else 0
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self.store.row(self.name, int(index))
+        if isinstance(index, slice):
+            index = np.arange(len(self))[index]
+        return self.store.rows(self.name, index)
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(view): the whole member (avoid on big ones)
+        arr = self.store.read(self.name)
+        return arr if dtype is None else arr.astype(dtype)
