@@ -20,6 +20,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/fusion.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/bulk.smk"
 
 
 rule all:

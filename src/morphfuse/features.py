@@ -14,6 +14,11 @@ Beyond the contract, LFDL entries carry ``crop_kind`` (face | no_face | face_too
 ``has_mask``; a 0-d JSON string ``meta`` (kind, mode, size, low_band, n, format) is read by
 :func:`feature_shard_meta` and left out by :func:`load_feature_shard`.
 
+Memory: one source image is decoded at a time and each output row goes straight to disk (:class:`ShardWriter`:
+per-member temporary files beside the output, assembled into the npz in 16 MB chunks; SRM / DCT computed per
+``--batch-size`` rows), so a shard of 4096 images needs the same memory as one of 64 (BENCHMARKS.md); the disk
+needs the shard's size twice while it is assembled.
+
 The same helpers (:func:`lfdl_inputs_from_rgb`, :func:`mitl_inputs_from_rgb`) turn stored uint8 pixels into model
 inputs on the fly, so both modes give the same numbers up to float16 rounding.
 
