@@ -92,7 +92,8 @@ def main() -> int:
         print(p.stderr[-3000:])
         return 1
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    print(f"tables: {args.images} images x 6 variants, bootstrap {args.bootstrap}: wall {wall:.1f} s, "
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", p.stderr).group(1)) for k in ("User", "System"))
+    print(f"tables: {args.images} images x 6 variants, bootstrap {args.bootstrap}: wall {wall:.1f} s, CPU {cpu:.1f} s, "
           f"peak RSS {peak / 2**20:.2f} GiB ({peak / 1024:.0f} MiB)")
     if not args.keep:
         shutil.rmtree(counts, ignore_errors=True)

@@ -328,3 +328,26 @@ def test_tables_reduce_per_file_and_join_by_id(tmp_path, capsys):
     lf_b.iloc[:1].to_parquet(ev / "lfdl" / "dup.parquet")
     assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t3"), "--no-figures"]) == 2
     assert "image 'im10'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("averaging,images", [("per_image", "fake_only"), ("pooled", "all")])
+def test_grouped_bootstrap_equals_the_generic_one(averaging, images):
+    """tables' per-group bootstrap = metrics.bootstrap_ci over metrics.table_statistic: same resamples, same
+    values (float summation order aside), ties and one-class resamples included."""
+    from morphfuse import metrics as M
+    from morphfuse.tables import grouped_bootstrap
+
+    rng = np.random.default_rng(1)
+    n = 300
+    labels = (rng.random(n) < 0.6).astype(np.int64)
+    scores = np.round(np.clip(rng.normal(0.3 + 0.3 * labels, 0.25), 0, 1), 2)  # many ties
+    tp, fp, fn = rng.integers(0, 30, n), rng.integers(0, 30, n), rng.integers(0, 30, n)
+    tp[:20] = fp[:20] = fn[:20] = 0  # empty pairs (skipped)
+    tn = 2000 - tp - fp - fn
+    groups = np.array([f"id{i % 37:03d}" for i in range(n)])
+    conv = M.Convention(averaging=averaging, images=images)
+    lo, hi = M.bootstrap_ci(None, groups, M.table_statistic(labels, scores, tp, fp, fn, tn, conv), n_resamples=60,
+                            seed=4)
+    glo, ghi = grouped_bootstrap(labels, scores, tp, fp, fn, tn, M.group_codes(groups), conv, 60, 4, 0.95)
+    np.testing.assert_allclose(glo, lo, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ghi, hi, rtol=1e-12, atol=1e-14)

@@ -43,7 +43,7 @@ from .errors import UserError
 from .evaluate import _clean, _fmt, _json_default, add_convention_arguments
 from .imageio import BadImageError, read_image, write_csv, write_text_atomic
 from .ledger import read_ledgers
-from .metrics import Convention, bootstrap_ci, summarize, table_statistic
+from .metrics import Convention, summarize
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,7 @@ def variant_row(name: str, v: VariantRows, conv: Convention, score_threshold: fl
         row[f"{k}_lo"] = row[f"{k}_hi"] = None
     codes = np.unique(v.group, return_inverse=True)[1].ravel() if len(v) else np.zeros(0, np.int64)
     if n_boot > 0 and len(v):
-        stat = table_statistic(v.label.astype(np.int64), v.score, v.TP, v.FP, v.FN, v.TN, conv)
-        lo, hi = bootstrap_ci(None, None, stat, n_resamples=n_boot, seed=seed, confidence=confidence, codes=codes)
+        lo, hi = grouped_bootstrap(v.label, v.score, v.TP, v.FP, v.FN, v.TN, codes, conv, n_boot, seed, confidence)
         for i, k in enumerate(METRIC_KEYS):
             if m[k] is not None and not math.isnan(lo[i]):
                 row[f"{k}_lo"], row[f"{k}_hi"] = float(lo[i]), float(hi[i])
@@ -265,6 +264,69 @@ def variant_row(name: str, v: VariantRows, conv: Convention, score_threshold: fl
                 "n_skipped_empty": m["n_skipped_empty"], "n_errors": m["n_errors"],
                 "note": "; ".join(m[k] for k in ("auc_reason", "localization_reason") if m.get(k))})
     return row
+
+
+def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n_resamples: int, seed: int,
+                      confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """``metrics.bootstrap_ci(None, groups, metrics.table_statistic(...))`` — the same resamples (the same draws
+    of the same generator), the same statistics [AUC, F1, IoU, Final] up to float summation order — computed from
+    per-group sums: an image's bootstrap weight is its group's multiplicity, so every weighted sum is a sum over
+    groups, and the AUC's per-score weights are a sparse (scores × groups) count matrix times the multiplicities.
+    A resample then costs O(images) sparse work instead of several dense passes and scatters over all images."""
+    from scipy.sparse import csr_matrix
+
+    from .metrics import f1_from_counts, iou_from_counts, pixel_image_mask
+
+    labels = np.asarray(labels).astype(np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    G = int(codes.max()) + 1
+    uniq, inv = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    inv = inv.ravel()
+    pos = labels == 1
+
+    def counts(m):
+        return csr_matrix((np.ones(int(m.sum())), (inv[m], codes[m])), shape=(uniq.size, G))
+
+    b_pos, b_neg = counts(pos), counts(~pos)
+    sel = pixel_image_mask(labels, conv.images)
+    cs = codes[sel]
+    c = [np.asarray(x, dtype=np.float64)[sel] for x in (tp, fp, fn, tn)]
+    pooled = conv.averaging == "pooled"
+    if pooled:
+        sums = [np.bincount(cs, weights=x, minlength=G) for x in c]
+        n_sel = np.bincount(cs, minlength=G).astype(np.float64)
+    else:
+        f1s = f1_from_counts(c[0], c[1], c[2], empty=conv.empty)
+        ious = iou_from_counts(*c, iou=conv.iou, empty=conv.empty)
+        f1_ok, iou_ok = ~np.isnan(f1s), ~np.isnan(ious)
+        f1_sum = np.bincount(cs[f1_ok], weights=f1s[f1_ok], minlength=G)
+        f1_n = np.bincount(cs[f1_ok], minlength=G).astype(np.float64)
+        iou_sum = np.bincount(cs[iou_ok], weights=ious[iou_ok], minlength=G)
+        iou_n = np.bincount(cs[iou_ok], minlength=G).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    values = np.empty((n_resamples, 4))
+    for r in range(n_resamples):
+        mult = np.bincount(rng.integers(0, G, size=G), minlength=G).astype(np.float64)
+        posw, negw = b_pos @ mult, b_neg @ mult
+        P, N = posw.sum(), negw.sum()
+        auc = math.nan if P <= 0 or N <= 0 else float(np.dot(posw, np.cumsum(negw) - 0.5 * negw) / (P * N))
+        if pooled:
+            s = [float(np.dot(mult, x)) for x in sums]
+            ok = float(np.dot(mult, n_sel)) > 0
+            f1 = float(f1_from_counts(s[0], s[1], s[2], empty=conv.empty)) if ok else math.nan
+            iou = float(iou_from_counts(*s, iou=conv.iou, empty=conv.empty)) if ok else math.nan
+        else:
+            wf, wi = float(np.dot(mult, f1_n)), float(np.dot(mult, iou_n))
+            f1 = float(np.dot(mult, f1_sum) / wf) if wf > 0 else math.nan
+            iou = float(np.dot(mult, iou_sum) / wi) if wi > 0 else math.nan
+        values[r] = (auc, f1, iou, (auc + f1 + iou) / 3.0)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.full(4, np.nan), np.full(4, np.nan)
+    for j in range(4):
+        col = values[:, j][~np.isnan(values[:, j])]
+        if col.size:
+            lo[j], hi[j] = np.quantile(col, [alpha, 1.0 - alpha])
+    return lo, hi
 
 
 def breakdown(frames, by: str, conv: Convention, score_threshold: float) -> pd.DataFrame:
