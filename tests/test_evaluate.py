@@ -351,3 +351,18 @@ def test_grouped_bootstrap_equals_the_generic_one(averaging, images):
     glo, ghi = grouped_bootstrap(labels, scores, tp, fp, fn, tn, M.group_codes(groups), conv, 60, 4, 0.95)
     np.testing.assert_allclose(glo, lo, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(ghi, hi, rtol=1e-12, atol=1e-14)
+
+
+def test_curves_are_thinned_for_plotting_within_tolerance():
+    from morphfuse.metrics import roc_curve
+    from morphfuse.plots import thin_curve
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(50_000) < 0.5).astype(int)
+    fpr, tpr = roc_curve(labels, rng.normal(labels * 0.8, 1.0))
+    x, y = thin_curve(fpr, tpr, 500)
+    assert len(x) <= 2 * 500 + 2 and (x[0], y[0], x[-1], y[-1]) == (fpr[0], tpr[0], fpr[-1], tpr[-1])
+    # every point of the full curve is within the spacing of the thinned polyline (tpr is monotone in fpr)
+    assert np.abs(np.interp(fpr, x, y) - tpr).max() < 2 * (np.hypot(1, 1) * 2 / 500)
+    small = thin_curve(fpr[:100], tpr[:100], 500)
+    assert np.array_equal(small[0], fpr[:100])
