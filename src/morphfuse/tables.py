@@ -117,6 +117,31 @@ class Names:
         return rank
 
 
+class Column:
+    """A growable 1-D array: appends go into one block that grows by half when full (large blocks come from and
+    go back to the OS, where thousands of per-file pieces would fragment the heap and keep RSS)."""
+
+    def __init__(self):
+        self.data: np.ndarray | None = None
+        self.n = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        if self.data is None:
+            self.data = np.empty(max(1 << 16, len(values)), values.dtype)
+        dtype = np.result_type(self.data.dtype, values.dtype)
+        need = self.n + len(values)
+        if need > len(self.data) or dtype != self.data.dtype:
+            grown = np.empty(max(need, int(len(self.data) * 1.5)), dtype)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        self.data[self.n:need] = values
+        self.n = need
+
+    def array(self) -> np.ndarray:
+        return np.zeros(0) if self.data is None else self.data[:self.n].copy()
+
+
 class VariantRows:
     """The valid (``ok``) rows of one variant as compact columns (about 45 bytes per image), plus how many rows
     there were and how many were left out; what the metrics, the bootstrap and the breakdowns need."""
@@ -128,7 +153,7 @@ class VariantRows:
         self.n_rows = 0
         self.n_errors = 0
         self.files: list[Path] = []
-        self._parts: dict[str, list[np.ndarray]] = {c: [] for c in self.COLUMNS}
+        self._parts: dict[str, Column] = {c: Column() for c in self.COLUMNS}
         self.cols: dict[str, np.ndarray] = {}
 
     def add(self, f: Path, df: pd.DataFrame, ok: np.ndarray, names: dict[str, Names]) -> None:
@@ -149,9 +174,8 @@ class VariantRows:
         p["f1"].append(d["f1"].to_numpy(np.float32) if "f1" in d else np.full(len(d), np.nan, np.float32))
 
     def finish(self, group_rank: np.ndarray) -> None:
-        for c, parts in self._parts.items():
-            self.cols[c] = np.concatenate(parts) if parts else np.zeros(0)
-        self._parts = {}
+        for c in list(self._parts):
+            self.cols[c] = self._parts.pop(c).array()
         self.cols["group"] = group_rank[self.cols["group"]] if len(self.cols["group"]) else self.cols["group"]
 
     def __getattr__(self, item):
