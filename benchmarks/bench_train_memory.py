@@ -49,8 +49,12 @@ def tree_uss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def train_once(args, shards: list[Path], out: Path, src: str) -> tuple[float, float, float]:
+def train_once(args, shards: list[Path], out: Path, src: str, older: bool = False) -> tuple[float, float, float]:
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    if older:  # a checkout from before train.balance / max_steps (its schema refuses unknown keys)
+        for m in ("lfdl", "mitl"):
+            for k in ("balance", "max_steps"):
+                cfg[m]["train"].pop(k, None)
     cfg[args.kind]["size"] = args.size
     cfg[args.kind]["train"].update(epochs=1, batch_size=args.batch, num_workers=args.workers, tensorboard=False,
                                    checkpoint_every=1000)
@@ -114,7 +118,7 @@ def main() -> int:
         for name, src in runs:
             if name == "compare" and n > args.compare_max_rows:
                 continue
-            rss, uss, wall = train_once(args, shards, args.work / "out" / f"{name}_{n}", src)
+            rss, uss, wall = train_once(args, shards, args.work / "out" / f"{name}_{n}", src, name == "compare")
             print(f"{name:10} {n:7d} {rss:12.0f} {uss:17.0f} {wall:7.0f}", flush=True)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
