@@ -79,9 +79,12 @@ def e2e(tmp_path_factory, bad_inputs):
     from e2e_run import Run, make_odd_inputs, snakemake, tiny_config
     import yaml
 
+    import os
+
     work = tmp_path_factory.mktemp("e2e")
     make_odd_inputs(work / "odd", bad_inputs)
     cfg = tiny_config(work)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake(work)
+    # Every stage process records the package modules it loaded (the code-hash coverage test reads them).
+    snakemake(work, env=dict(os.environ, MORPHFUSE_RECORD_MODULES=str(work / "loaded_modules")))
     return Run(work, cfg)

@@ -17,7 +17,7 @@ def tiny_config(work: Path) -> dict:
     """The real pipeline, small: 14 people (+ a folder of awkward files), 64 px models, one epoch."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["run_name"] = "tiny"
-    cfg["results_dir"] = str(work / "results")
+    cfg["results_dir"] = "results"  # relative to the work folder: a copy of it is a self-contained run
     cfg["shard_size"] = 8
     cfg["sources"] = [
         {"name": "london", "kind": "folder", "root": str(LONDON_512),
@@ -75,4 +75,4 @@ def snakemake(work: Path, *args: str, config: Path | None = None, env: dict | No
 class Run:
     def __init__(self, work: Path, cfg: dict):
         self.work, self.cfg = work, cfg
-        self.dir = Path(cfg["results_dir"]) / cfg["run_name"]
+        self.dir = work / cfg["results_dir"] / cfg["run_name"]

@@ -53,7 +53,6 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["lfdl"]["size"] = cfg["mitl"]["size"] = S
-    cfg["features"]["lfdl_size"] = cfg["features"]["mitl_size"] = S
     cfg_path = d / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cfg = load_config(cfg_path)

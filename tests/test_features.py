@@ -196,9 +196,9 @@ def test_empty_shard_and_single_outputs(tmp_path):
                   for c in cols}).to_parquet(man, index=False)
     pd.DataFrame(columns=list(_crop("x", 0, (0, 0, 1, 1)))).to_parquet(cr, index=False)
     assert main(["features", "--manifest", str(man), "--crops", str(cr), "--out-lfdl", str(tmp_path / "l.npz"),
-                 "--lfdl-size", str(S), "--ledger", str(tmp_path / "l.csv")]) == 0
+                 "--lfdl-size", str(S), "--mode", "precompute", "--ledger", str(tmp_path / "l.csv")]) == 0
     assert main(["features", "--manifest", str(man), "--out-mitl", str(tmp_path / "t.npz"), "--mitl-size", str(M),
-                 "--ledger", str(tmp_path / "t.csv")]) == 0
+                 "--mode", "precompute", "--ledger", str(tmp_path / "t.csv")]) == 0
     L = features.load_feature_shard(tmp_path / "l.npz")
     T = features.load_feature_shard(tmp_path / "t.npz")
     assert L["rgb"].shape == (0, S, S, 3) and L["srm"].shape == (0, 3, S, S) and L["ref_box"].shape == (0, 4)

@@ -119,8 +119,7 @@ def test_forge_cli_rows_and_ledger(tmp_path, backend, monkeypatch):
     idx.loc[len(idx)] = {**idx.iloc[0].to_dict(), "image_id": "fake_row", "label": 1}    # not a real: not forged
     idx.to_parquet(tmp_path / "index.parquet")
 
-    import morphfuse.forge.cli as forge_cli
-    monkeypatch.setattr(forge_cli, "_backend_from_config", lambda cfg: backend)
+    monkeypatch.setattr("morphfuse.faces.backends.backend_from_config", lambda faces: backend)
     from morphfuse.cli import main
 
     out = tmp_path / "out"

@@ -67,5 +67,5 @@ def test_cli(tmp_path, capsys):
     data = json.loads((tmp_path / "prov" / "provenance.json").read_text())
     assert data["started"] == "2023-11-14T22:13:20+00:00"
     assert dt.datetime.fromisoformat(data["ended"]).timestamp() >= before - 1
-    assert data["config"] == yaml.safe_load(cfg_path.read_text())
+    assert data["config"] == load_config(cfg_path)  # the effective config: the file with every default filled
     assert not [f for f in os.listdir(tmp_path / "prov") if f != "provenance.json"]  # no temporary left over

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import LONDON_512, REPO
@@ -84,3 +85,9 @@ def test_workflow_runs_as_slurm_jobs_and_gpu_rules_request_gpus(cluster, tmp_pat
     assert "2 process(es)" in log, log[-2000:]
     metrics = pd.read_csv(Path(cfg["results_dir"]) / "slurm" / "models" / "lfdl" / "metrics.csv")
     assert len(metrics) >= 1
+
+    # Schema defaults reach cluster jobs: keys config.yaml does not set arrive in the job with their defaults
+    # (each job re-reads the config files and validates them itself).
+    assert "dropout" not in cfg["lfdl"] and "lfga_scaled" not in cfg["lfdl"]
+    rec = torch.load(target, map_location="cpu", weights_only=True)
+    assert rec["options"]["dropout"] == 0.5 and rec["options"]["lfga_scaled"] is False, rec["options"]

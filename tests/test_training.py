@@ -114,11 +114,18 @@ def make_config(tmp: Path, model: str = "lfdl", size: int = S, **train) -> dict:
     block = cfg[model]
     block["size"] = size
     block["train"].update({"epochs": 2, "batch_size": 4, "accumulate": 1, "lr": 1e-2, "augment": True,
-                           "mixup": 0.0, "num_workers": 0, "checkpoint_every": 100, "tensorboard": False})
+                           "num_workers": 0, "checkpoint_every": 100, "tensorboard": False})
+    if model == "lfdl":
+        block["train"]["mixup"] = 0.0
     block["train"].update(train)
     path = tmp / f"config_{model}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return cfg
+
+
+def settings(model: str, **train) -> engine.Settings:
+    """A model's training settings: the schema's defaults with ``train`` on top."""
+    return engine.Settings.from_config(model, {"seed": 0, model: {"train": train}})
 
 
 def run_train(cfg, shards, out, model="lfdl", **kw):
@@ -277,13 +284,13 @@ def test_mitl_schedule_and_cli(tmp_path, monkeypatch):
     lr = tr.lr.to_numpy()
     np.testing.assert_allclose(lr[:4], [2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up over one epoch
     assert np.all(np.diff(lr[4:]) < 0) and lr[-1] > 1e-5  # then half-cosine down towards min_lr
-    f = engine.lr_factor_fn("mitl", engine.Settings(epochs=2, batch_size=1, lr=1e-3, warmup_epochs=1, min_lr=1e-5), 4, 8)
+    f = engine.lr_factor_fn("mitl", settings("mitl", epochs=2, batch_size=1, lr=1e-3, warmup_epochs=1, min_lr=1e-5), 4, 8)
     assert f(4) == pytest.approx(1.0) and f(8) * 1e-3 == pytest.approx(1e-5)
-    opt = engine.build_optimizer("mitl", StandIn("mitl"), engine.Settings(epochs=1, batch_size=1, lr=1e-4,
+    opt = engine.build_optimizer("mitl", StandIn("mitl"), settings("mitl", epochs=1, batch_size=1, lr=1e-4,
                                  weight_decay=0.05), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     m2 = StandIn("mitl")
-    opt2 = engine.build_optimizer("lfdl", m2, engine.Settings(epochs=1, batch_size=1, lr=1e-4, weight_decay=1e-5),
+    opt2 = engine.build_optimizer("lfdl", m2, settings("lfdl", epochs=1, batch_size=1, lr=1e-4, weight_decay=1e-5),
                                   torch.device("cpu"))
     assert isinstance(opt2, torch.optim.Adam) and opt2.defaults["betas"] == (0.9, 0.999)
     decayed = {id(p) for g in opt2.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -562,3 +569,59 @@ def test_training_memory_request_follows_batch_workers_and_gpus():
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     assert all("mem_mb" not in profile["set-resources"][f"train_{m}"] for m in ("lfdl", "mitl"))
     assert "train_mem_mb_from_config(config, _model)" in (REPO / "workflow" / "rules" / "models.smk").read_text()
+
+
+# --------------------------------------------------------------------------- resume means "the same run" (issue 9)
+def _same_weights(a: Path, b: Path) -> bool:
+    sa, sb = state(a)["state_dict"], state(b)["state_dict"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_changed_recipe_trains_from_scratch_and_free_settings_resume(tmp_path, caplog):
+    shard = write_shard(tmp_path / "s0.npz", 16, 4)
+    out = tmp_path / "out"
+    run_train(make_config(tmp_path, epochs=2, lr=1e-2), [shard], out)
+    first = (out / "model.pt").read_bytes()
+
+    # Another learning rate is another run: from scratch, metrics from step 1, the same weights as a fresh run.
+    caplog.set_level("INFO", logger="morphfuse.train")
+    res = run_train(make_config(tmp_path, epochs=2, lr=2e-2), [shard], out)
+    assert res.finished and "of another run (train.lr differs); training lfdl from scratch" in caplog.text
+    m = pd.read_csv(out / "metrics.csv")
+    assert m[m.phase == "train"].step.iloc[0] == 1 and m[m.phase == "train"].lr.iloc[0] == pytest.approx(2e-2)
+    run_train(make_config(tmp_path, epochs=2, lr=2e-2), [shard], tmp_path / "fresh")
+    assert _same_weights(out / "model.pt", tmp_path / "fresh" / "model.pt")
+    assert (out / "model.pt").read_bytes() != first
+
+    # Settings that do not change the weights resume the finished run: nothing is retrained.
+    caplog.clear()
+    before = pd.read_csv(out / "metrics.csv")
+    run_train(make_config(tmp_path, epochs=2, lr=2e-2, num_workers=1, checkpoint_every=7), [shard], out)
+    assert "from scratch" not in caplog.text and "resuming lfdl" in caplog.text
+    assert _same_weights(out / "model.pt", tmp_path / "fresh" / "model.pt")
+
+    # Snakemake deletes a rerun job's outputs: they come back whole from the checkpoint, never an empty log.
+    (out / "model.pt").unlink()
+    (out / "metrics.csv").unlink()
+    run_train(make_config(tmp_path, epochs=2, lr=2e-2), [shard], out)
+    cols = [c for c in before.columns if c != "images_per_s"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv")[cols], before[cols])
+    assert _same_weights(out / "model.pt", tmp_path / "fresh" / "model.pt")
+
+    # Another training set is another run too.
+    caplog.clear()
+    other = write_shard(tmp_path / "s1.npz", 16, 4, seed=5)
+    run_train(make_config(tmp_path, epochs=2, lr=2e-2), [other], out)
+    assert "(data differs)" in caplog.text
+
+
+def test_more_epochs_continue_an_lfdl_run_exactly(tmp_path):
+    """LFDL's StepLR does not depend on the number of epochs: 2 epochs then 3 equals 3 straight away."""
+    shard = write_shard(tmp_path / "s0.npz", 16, 4)
+    run_train(make_config(tmp_path, epochs=2, mixup=0.5), [shard], tmp_path / "a")
+    res = run_train(make_config(tmp_path, epochs=3, mixup=0.5), [shard], tmp_path / "a")
+    assert res.finished and res.step == 3 * 4
+    run_train(make_config(tmp_path, epochs=3, mixup=0.5), [shard], tmp_path / "b")
+    assert _same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+    m = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert list(m[m.phase == "train"].step) == list(range(1, 13))

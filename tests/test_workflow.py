@@ -112,21 +112,25 @@ def test_nothing_to_do_after_a_complete_run(e2e):
     assert planned_jobs(e2e.work) == {}
 
 
+# A config change also rewrites the effective config, which the report and the bundle record.
+CONFIG_CHANGED = {"effective_config"}
+
+
 def test_a_fusion_parameter_reruns_fusion_and_evaluation_only(e2e, tmp_path):
     cfg = _variant_config(e2e, tmp_path, lambda c: c["fusion"].update(kernel=3))
-    assert set(planned_jobs(e2e.work, cfg)) == DOWNSTREAM_OF_FUSION
+    assert set(planned_jobs(e2e.work, cfg)) == DOWNSTREAM_OF_FUSION | CONFIG_CHANGED
 
 
 def test_an_lfdl_training_parameter_leaves_mitl_alone(e2e, tmp_path):
     cfg = _variant_config(e2e, tmp_path, lambda c: c["lfdl"]["train"].update(lr=1e-4))
-    assert set(planned_jobs(e2e.work, cfg)) == {"train_lfdl", "predict_lfdl"} | DOWNSTREAM_OF_FUSION
+    assert set(planned_jobs(e2e.work, cfg)) == {"train_lfdl", "predict_lfdl"} | DOWNSTREAM_OF_FUSION | CONFIG_CHANGED
 
 
 def test_editing_the_fusion_code_reruns_fusion_and_evaluation_only(e2e, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO / "src" / "morphfuse", src / "morphfuse")
     with open(src / "morphfuse" / "fusion.py", "a") as f:
-        f.write("\n# an edit\n")
+        f.write("\n_EDITED = True  # a statement: a comment alone reruns nothing (test_reruns.py)\n")
     env = dict(os.environ, PYTHONPATH=str(src))
     assert set(planned_jobs(e2e.work, env=env)) == DOWNSTREAM_OF_FUSION
 

@@ -15,6 +15,7 @@ from .errors import UserError
 
 # (subcommand, module, one-line help). Modules are imported lazily.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("config", "morphfuse.stages.effective_config", "validate a config; print or write it with every default filled"),
     ("index", "morphfuse.stages.index", "index the configured sources and split the real images by identity"),
     ("forge", "morphfuse.forge.cli", "make forgeries with exact masks from one shard of real images"),
     ("manifest", "morphfuse.stages.manifest", "merge the index and the forgeries into the sharded manifest"),
@@ -51,8 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _record_modules(folder: str, argv: list[str]) -> None:
+    """At exit, write the package modules this process loaded (the tests check the rules' code hashes cover
+    them: ``MORPHFUSE_RECORD_MODULES=DIR``)."""
+    import atexit
+    import json
+    import os
+
+    def write() -> None:
+        loaded = sorted(m for m in list(sys.modules) if m == "morphfuse" or m.startswith("morphfuse."))
+        path = os.path.join(folder, f"{os.getpid()}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"argv": argv, "modules": loaded}, f)
+        os.replace(path + ".tmp", path)
+
+    os.makedirs(folder, exist_ok=True)
+    atexit.register(write)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import os
+
+    if os.environ.get("MORPHFUSE_RECORD_MODULES"):
+        _record_modules(os.environ["MORPHFUSE_RECORD_MODULES"], argv)
     parser = build_parser()
     # Parse only the global part; the chosen stage parses the rest with its own parser.
     names = {c[0]: c for c in COMMANDS}

@@ -335,23 +335,28 @@ def _clean(o):
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def add_convention_arguments(p: argparse.ArgumentParser, with_threshold: bool = True) -> None:
-    g = p.add_argument_group("metric conventions (METRICS.md; defaults are the reported ones)")
-    g.add_argument("--averaging", choices=AVERAGING, default="per_image",
+    from .config import default
+
+    ev = default("evaluate")
+    g = p.add_argument_group("metric conventions (METRICS.md; defaults are the reported ones, the config schema's)")
+    g.add_argument("--averaging", choices=AVERAGING, default=ev["averaging"],
                    help="per_image: F1/IoU per image then the mean; pooled: from the summed counts")
-    g.add_argument("--images", choices=IMAGES, default="fake_only",
+    g.add_argument("--images", choices=IMAGES, default=ev["images"],
                    help="images in the pixel metrics: fakes only, or all (reals have an empty ground truth)")
-    g.add_argument("--iou", choices=IOU, default="foreground",
+    g.add_argument("--iou", choices=IOU, default=ev["iou"],
                    help="foreground IoU, or the mean of the foreground and background IoUs")
-    g.add_argument("--empty", choices=EMPTY, default="skip",
+    g.add_argument("--empty", choices=EMPTY, default=ev["empty"],
                    help="value of a 0/0 term (empty ground truth and empty prediction): skip the image, 1 or 0")
     if with_threshold:
-        g.add_argument("--threshold", type=float, default=0.5,
-                       help="binarise predicted masks v/255 >= threshold (default 0.5: v >= 128)")
+        g.add_argument("--threshold", type=float, default=ev["threshold"],
+                       help=f"binarise predicted masks v/255 >= threshold (default {ev['threshold']}: v >= 128)")
     g.add_argument("--score-threshold", type=float, default=0.5,
                    help="detection accuracy counts score >= this as fake (default 0.5)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import default
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", type=Path, metavar="DIR",
                      help="a split folder in DDL-I layout (real/, fake/, masks/ or mask/)")
@@ -361,7 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="DIR", help="(--dataset) output folder")
     p.add_argument("--out-counts", type=Path, metavar="FILE.parquet", help="(--manifest) per-image rows")
     p.add_argument("--variant", default="", help="name recorded in the rows (e.g. mdmf), read by `morphfuse tables`")
-    p.add_argument("--split", default="test", help="(--manifest) only rows of this split; 'all' for every row")
+    p.add_argument("--split", default=default("evaluate.split"),
+                   help="(--manifest) only rows of this split; 'all' for every row (default: the config schema's)")
     p.add_argument("--ledger", type=Path, metavar="CSV", help="(--manifest) write the errors as a ledger CSV")
     p.add_argument("--allow-errors", action="store_true",
                    help="exit 0 even when some images had errors (they are still listed and in the ledger)")

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import config_hash, load_config
+from .config import config_hash, load_stage_config
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def export_bundle(lfdl: str | os.PathLike, mitl: str | os.PathLike, config: str 
     """Write the bundle folder ``out`` (see the module docstring); returns bundle.json's content."""
     from .provenance import git_info
 
-    cfg = load_config(config)
+    cfg = load_stage_config(config)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "bundle.json").is_file())):
         raise UserError(f"--out {out}: exists and is not a morphfuse bundle; choose another folder or remove it")

@@ -506,11 +506,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crops", help="crops parquet of the same shard (needed with --out-lfdl)")
     parser.add_argument("--out-lfdl", help="LFDL feature shard to write (.npz): face crops [+ SRM]")
     parser.add_argument("--out-mitl", help="MITL feature shard to write (.npz): whole images [+ DCT bands]")
-    parser.add_argument("--lfdl-size", type=int, default=299, help="face crop side S (default: 299, the paper's)")
-    parser.add_argument("--mitl-size", type=int, default=512, help="whole-image side M (default: 512, the paper's)")
-    parser.add_argument("--mode", choices=MODES, default="precompute",
+    from .config import default
+
+    parser.add_argument("--lfdl-size", type=int, default=default("lfdl.size"), help="face crop side S (default: %(default)s)")
+    parser.add_argument("--mitl-size", type=int, default=default("mitl.size"), help="whole-image side M (default: %(default)s)")
+    parser.add_argument("--mode", choices=MODES, default=default("features.mode"),
                         help="precompute: also store SRM / DCT bands as float16; on_the_fly: pixels only")
-    parser.add_argument("--low-band", choices=dct.LOW_BANDS, default="l_shape",
+    parser.add_argument("--low-band", choices=dct.LOW_BANDS, default=default("mitl.low_band"),
                         help="MITL low band: l_shape (as released) or square (the paper's words)")
     parser.add_argument("--ledger", required=True, help="CSV of the inputs that could not be used (one line each)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per SRM/DCT batch in precompute mode")

@@ -257,8 +257,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MITL probability masks <image_id>.png")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for the fused 0/255 masks")
     p.add_argument("--variant", required=True, choices=VARIANTS, help="fusion variant (see above)")
-    p.add_argument("--kernel", type=int, default=5, help="side k of the k×k structuring element, odd (default 5)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    from .config import default
+
+    p.add_argument("--kernel", type=int, default=default("fusion.kernel"),
+                   help="side k of the k×k structuring element, odd (default: the config schema's fusion.kernel, %(default)s)")
+    p.add_argument("--threshold", type=float, default=default("fusion.threshold"),
                    help="binarise v/255 >= threshold (default 0.5, i.e. v >= 128)")
     p.add_argument("--ids", type=Path, metavar="FILE",
                    help="only these image_ids (one per line), e.g. one shard; each must have both masks")

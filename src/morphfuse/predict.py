@@ -301,12 +301,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="this shard's feature file (.npz)")
     p.add_argument("--manifest", required=True, help="this shard's manifest (.parquet)")
     p.add_argument("--out", required=True, help="output folder: scores.csv, masks/, ledger.csv")
-    p.add_argument("--config", default=None, help="config.yaml (defaults of the MITL score rule: mitl.score)")
+    p.add_argument("--config", default=None, help="config.yaml or inline JSON (the MITL score rule: mitl.score)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--score-rule", choices=SCORE_RULES, default=None,
-                   help="MITL image score from its mask (default: config mitl.score.rule, else top_percent)")
+                   help="MITL image score from its mask (default: --config's mitl.score.rule, else the schema's)")
     p.add_argument("--score-percent", type=float, default=None,
-                   help="top_percent's percentage (default: config mitl.score.percent, else 1)")
+                   help="top_percent's percentage (default: --config's mitl.score.percent, else the schema's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--model-factory", default=None, metavar="MODULE:CALLABLE",
                    help="build the network with this callable instead of morphfuse.models.build_model (tests)")
@@ -316,15 +316,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .training.checkpoint import build_from_record, load_model_file, resolve_factory
 
-    rule, percent = args.score_rule, args.score_percent
-    if args.config and (rule is None or percent is None):
-        from .config import load_config
+    from .config import default, load_stage_config
 
-        score_cfg = (load_config(args.config).get("mitl") or {}).get("score") or {}
-        rule = rule or score_cfg.get("rule")
-        percent = percent if percent is not None else score_cfg.get("percent")
-    rule = rule or "top_percent"
-    percent = 1.0 if percent is None else float(percent)
+    score_cfg = load_stage_config(args.config)["mitl"]["score"] if args.config else default("mitl.score")
+    rule = args.score_rule if args.score_rule is not None else score_cfg["rule"]
+    percent = float(args.score_percent if args.score_percent is not None else score_cfg["percent"])
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch finds no CUDA device")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import REPO_ROOT, config_hash, load_config
+from .config import config_hash, load_stage_config
 from .errors import UserError
 from .imageio import write_text_atomic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when run from one (git_info copes otherwise)
 
 FORMAT = "morphfuse-provenance"
 FORMAT_VERSION = 1
@@ -146,7 +148,8 @@ def config_seeds(cfg: dict) -> dict[str, Any]:
     for model in ("lfdl", "mitl"):
         train = (cfg.get(model) or {}).get("train") if isinstance(cfg.get(model), dict) else None
         if isinstance(train, dict):
-            seeds[f"{model}.train.seed"] = train.get("seed", cfg.get("seed", 0))
+            own = train.get("seed")
+            seeds[f"{model}.train.seed"] = own if own is not None else cfg.get("seed", 0)
     return seeds
 
 
@@ -192,7 +195,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_stage_config(args.config)
     started = None
     if args.started_from:
         p = Path(args.started_from)

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .config import load_config  # noqa: E402
+from .config import load_stage_config  # noqa: E402
 from .forge.contact_sheet import contact_sheet  # noqa: E402
 from .imageio import atomic_path, write_csv, write_text_atomic  # noqa: E402
 from .ledger import read_ledgers  # noqa: E402
@@ -46,18 +46,24 @@ def training_curves(model_dirs: dict[str, Path], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, d in model_dirs.items():
         f = d / "metrics.csv"
-        if not f.exists():
+        if not f.exists() or f.stat().st_size == 0:
+            log.warning("%s: no training metrics to plot", f)
             continue
         m = pd.read_csv(f)
+        if "phase" not in m or "step" not in m:
+            log.warning("%s: not a morphfuse metrics log (no phase/step columns)", f)
+            continue
         tr = m[m["phase"] == "train"]
-        if len(tr):
+        if len(tr) and "loss" in tr:
             axes[0].plot(tr["step"], tr["loss"], lw=1, label=f"{name} train loss")
-        val = m[m["phase"] == "val"] if "phase" in m else m.iloc[0:0]
+        val = m[m["phase"] == "val"]
         if len(val) and "val_loss" in val:
             axes[0].plot(val["step"], val["val_loss"], "o--", label=f"{name} val loss")
         if len(val) and "val_auc" in val and val["val_auc"].notna().any():
             axes[1].plot(val["epoch"] + 1, val["val_auc"], "o-", label=f"{name} val AUC")
-    axes[0].set_xlabel("optimizer step"); axes[0].set_ylabel("loss"); axes[0].legend(fontsize=8)
+    axes[0].set_xlabel("optimizer step"); axes[0].set_ylabel("loss")
+    if axes[0].lines:
+        axes[0].legend(fontsize=8)
     axes[1].set_xlabel("epoch"); axes[1].set_ylabel("image AUC (validation identities)")
     axes[1].set_ylim(0, 1); axes[1].axhline(0.5, color="grey", lw=0.5)
     if axes[1].lines:
@@ -108,7 +114,7 @@ def ledger_counts(run_dir: Path) -> pd.DataFrame:
 
 def run(args) -> int:
     run_dir, out = Path(args.run_dir), Path(args.out)
-    cfg = load_config(args.config)
+    cfg = load_stage_config(args.config)
     out.mkdir(parents=True, exist_ok=True)
     training_curves({m: run_dir / "models" / m for m in ("lfdl", "mitl")}, out / "training_curves.png")
     ablation_html(run_dir / "tables" / "ablation.csv", out / "ablation.html")

@@ -523,7 +523,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for the tables")
     p.add_argument("--figures", type=Path, metavar="DIR", help="output folder for the figures (default OUT/figures)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    from .config import default
+
+    p.add_argument("--bootstrap", type=int, default=default("evaluate.bootstrap"), metavar="N",
                    help="resamples of identities for the intervals (default 1000; 0: no intervals)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the panel sample")

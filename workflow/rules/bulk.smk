@@ -3,23 +3,23 @@
 # One `morphfuse detect` job per shard of the folder's file list (bulk.shard_size images), so a rerun redoes only
 # the shards that did not finish; per image the same outputs as `morphfuse detect FOLDER` (same names), in
 # bulk/shards/<k>/ (masks/, prob/, overlays/, scores.csv, ledger.csv), merged scores and ledger in bulk/.
-BULK = config.get("bulk") or {}
+BULK = config["bulk"]
 
 wildcard_constraints:
     bshard=r"\d{5}",
 
 
-if BULK.get("input"):
+if BULK["input"]:
     BULK_ROOT = str(resolve_path(BULK["input"]))
-    BULK_MODELS = str(resolve_path(BULK["models"])) if BULK.get("models") else R("bundle")
+    BULK_MODELS = str(resolve_path(BULK["models"])) if BULK["models"] else R("bundle")
 
     checkpoint bulk_list:
         output:
             lists=directory(R("bulk/lists")),
         params:
             root=BULK_ROOT,
-            shard_size=int(BULK.get("shard_size", 4096)),
-            code=code_hash("stages/bulk.py", "imageio.py"),
+            shard_size=BULK["shard_size"],
+            code=code("bulk"),
         conda:
             CONDA_ENV
         log:
@@ -42,9 +42,9 @@ if BULK.get("input"):
             out=directory(R("bulk/shards/{bshard}")),
         params:
             root=BULK_ROOT,
-            device=BULK.get("device", "auto"),
-            batch_size=int(BULK.get("batch_size", 8)),
-            code=code_hash("detect.py", "export.py", "fusion.py", "predict.py", "models", "faces"),
+            device=BULK["device"],
+            batch_size=BULK["batch_size"],
+            code=code("detect"),
         threads: 1
         resources:
             gpu=1,
@@ -66,7 +66,7 @@ if BULK.get("input"):
             ledger=R("bulk/ledger.csv"),
         params:
             out=R("bulk"),
-            code=code_hash("stages/bulk.py"),
+            code=code("bulk"),
         conda:
             CONDA_ENV
         log:

@@ -1,17 +1,21 @@
-# Shared setup: config validation, paths, shard lists and code hashes (so editing a stage's code reruns it).
+# Shared setup: config validation (defaults filled from the schema), paths, shard lists, the config slice and the
+# code hash each rule passes its stage. Nothing here writes a file: a dry run changes nothing on disk.
+import json
 import os
 import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from morphfuse.config import config_hash, resolve_path, validate_config
+from morphfuse.config import config_json, resolve_path, validate_config
 from morphfuse.errors import UserError
-from morphfuse.hashing import code_hash
+from morphfuse.hashing import stage_code
 from morphfuse.sources import folders_fingerprint
 from morphfuse.stages.manifest import forge_shard_count
 
+# One strict schema (src/morphfuse/config.schema.yaml, linked as workflow/schemas/): unknown keys, wrong types and
+# bad values stop the run here, naming the key. Defaults are filled in place, in this process and in every cluster
+# job (each job re-reads the same config files and validates them the same way), so every rule sees effective values.
 try:
     validate_config(config, "config")
 except UserError as e:
@@ -19,7 +23,7 @@ except UserError as e:
 
 RUN = Path(config["results_dir"]) / config["run_name"]
 SHARD_SIZE = int(config["shard_size"])
-EVAL_SPLIT = config["evaluate"].get("split", "test")
+EVAL_SPLIT = config["evaluate"]["split"]
 # The same interpreter runs every job (also inside SLURM jobs), so the venv's package is always the one used;
 # with `--sdm conda` each job runs in envs/morphfuse.yaml instead, which installs this package too.
 from snakemake.settings.types import DeploymentMethod
@@ -34,23 +38,24 @@ def R(*parts):
     return str(RUN.joinpath(*parts))
 
 
-def _write_effective_config():
-    """The merged config (config.yaml + --config/--configfile) as one file the stage commands read.
+def config_slice(*keys):
+    """The config keys a rule's stage reads (dotted paths, `{wildcard}`s allowed), as the JSON its command gets
+    with `--config` (a params function: Snakemake would take the JSON's braces for wildcards).
 
-    Rewritten only when it changes; rules do not take it as an input (their `params` carry the parts they use),
-    so an unrelated edit reruns nothing.
-    """
-    path = Path(R("config.effective.yaml"))
-    text = yaml.safe_dump(dict(config), sort_keys=True)
-    if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return str(path)
+    A param, so that changing one of these keys reruns exactly the rules that declare it; the stage sees only
+    these keys (reading another is an error naming it), so nothing reaches a stage undeclared."""
+    return lambda wildcards: config_json(config, [k.format(**dict(wildcards.items())) for k in keys])
 
 
-CONFIG = _write_effective_config()
+def code(command):
+    """The hash of every package module `morphfuse <command>` can import (import graph, comments excluded)."""
+    return stage_code(command)
+
+
+def local_files(*paths):
+    """Local files or folders a stage reads that the config names (weights, models): rule inputs, so that
+    replacing one reruns what uses it. Unset (null) entries are left out."""
+    return [str(resolve_path(p)) for p in paths if p]
 
 
 wildcard_constraints:
@@ -90,3 +95,18 @@ def eval_shards():
 
 def train_shards():
     return shard_ids(["train", "val"])
+
+
+# The effective config (config.yaml + --configfile/--config + schema defaults), written by a rule of its own, read
+# by the report and the bundle; it is rewritten only when the config changes (its param), never at parse time.
+rule effective_config:
+    output:
+        R("config.effective.yaml"),
+    params:
+        config=config_slice(*sorted(config)),
+        code=code("config"),
+    localrule: True
+    log:
+        R("logs/effective_config.log"),
+    shell:
+        "{MF} config --config {params.config:q} --out {output} > {log} 2>&1"

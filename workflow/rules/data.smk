@@ -6,42 +6,44 @@ checkpoint index:
         idx=R("index/index.parquet"),
         ledger=R("ledger/index/index.csv"),
     params:
-        sources=config["sources"],
-        split=config["split"],
+        config=config_slice("sources", "split"),
         folders=folders_fingerprint([resolve_path(s["root"]) for s in config["sources"]]),
-        code=code_hash("sources.py", "split.py", "stages/index.py", "imageio.py", "forge/importer.py"),
+        code=code("index"),
     conda:
         CONDA_ENV
     log:
         R("logs/index.log"),
     shell:
-        "{MF} index --config {CONFIG} --out {output.idx} --ledger {output.ledger} > {log} 2>&1"
+        "{MF} index --config {params.config:q} --out {output.idx} --ledger {output.ledger} > {log} 2>&1"
+
+
+def forge_files(wildcards):
+    """Local models a generator loads (diffusion pipelines, face-alignment weights): replacing one reruns it."""
+    block = config["forge"][wildcards.method]
+    return local_files(block.get("model_dir"), config["faces"]["face_alignment"]["torch_home"]
+                       if config["faces"]["backend"] == "face_alignment" else None)
 
 
 rule forge:
     input:
         idx=R("index/index.parquet"),
+        models=forge_files,
     output:
         rows=R("forge/{method}/{fshard}/rows.parquet"),
         ledger=R("ledger/forge/{method}_{fshard}.csv"),
     params:
         out=lambda wc: R("forge", wc.method, wc.fshard),
         shard=lambda wc: int(wc.fshard),
-        options=lambda wc: config["forge"].get(wc.method, {}),
-        per_real=config["forge"]["per_real"],
-        # The authors' minimum face size does not apply to random combination (FORGERIES.md).
-        min_face=lambda wc: 0 if wc.method in ("random_combination", "paste_random")
-        else config["forge"].get("min_face_size", 0),
-        seed=config["seed"],
-        code=code_hash("forge", "faces/backends.py", "faces/landmarks.py", "imageio.py"),
+        config=config_slice("seed", "shard_size", "forge.per_real", "forge.min_face_size", "forge.{method}",
+                            "faces"),
+        code=code("forge"),
     conda:
         CONDA_ENV
     log:
         R("logs/forge/{method}_{fshard}.log"),
     shell:
-        "{MF} forge {wildcards.method} --index {input.idx} --shard {params.shard} --shard-size {SHARD_SIZE}"
-        " --out {params.out} --seed {params.seed} --per-real {params.per_real} --min-face-size {params.min_face}"
-        " --config {CONFIG} --ledger {output.ledger} --no-progress > {log} 2>&1"
+        "{MF} forge {wildcards.method} --index {input.idx} --shard {params.shard} --out {params.out}"
+        " --config {params.config:q} --ledger {output.ledger} --no-progress > {log} 2>&1"
 
 
 def forged_rows(wildcards):
@@ -59,7 +61,7 @@ checkpoint manifest:
     params:
         shard_size=SHARD_SIZE,
         out_dir=R("manifest"),
-        code=code_hash("stages/manifest.py"),
+        code=code("manifest"),
     conda:
         CONDA_ENV
     log:

@@ -1,9 +1,8 @@
 # fused masks -> per-shard per-image counts -> ablation tables, ROC/PR, qualitative panels
 
 EV = config["evaluate"]
-CONVENTION = (f"--averaging {EV.get('averaging', 'per_image')} --images {EV.get('images', 'fake_only')}"
-              f" --iou {EV.get('iou', 'foreground')} --empty {EV.get('empty', 'skip')}"
-              f" --threshold {EV.get('threshold', 0.5)}")
+CONVENTION = (f"--averaging {EV['averaging']} --images {EV['images']} --iou {EV['iou']} --empty {EV['empty']}"
+              f" --threshold {EV['threshold']}")
 
 
 # The fused variant shown in the qualitative panels: MDMF when it is run.
@@ -26,7 +25,7 @@ rule evaluate:
     params:
         convention=CONVENTION,
         split=EVAL_SPLIT,
-        code=code_hash("evaluate.py", "metrics.py", "fusion.py", "imageio.py"),
+        code=code("evaluate"),
     conda:
         CONDA_ENV
     log:
@@ -63,13 +62,13 @@ rule tables:
         figures=R("figures"),
         fused=R("fuse", PANEL_VARIANT),
         fused_variant=PANEL_VARIANT,
-        bootstrap=EV.get("bootstrap", 1000),
-        panels=max(1, EV.get("panels", 6)),
+        bootstrap=EV["bootstrap"],
+        panels=EV["panels"],
         seed=config["seed"],
         lfdl=R("predict/lfdl"),
         mitl=R("predict/mitl"),
         convention=CONVENTION,
-        code=code_hash("tables.py", "plots.py", "metrics.py"),
+        code=code("tables"),
     conda:
         CONDA_ENV
     log:

@@ -4,26 +4,22 @@
 rule faces:
     input:
         shard=R("manifest/shards/{shard}.parquet"),
+        weights=local_files(config["faces"]["face_alignment"]["torch_home"]
+                            if config["faces"]["backend"] == "face_alignment" else None),
     output:
         faces=R("faces/{shard}.parquet"),
         ledger=R("ledger/faces/{shard}.csv"),
     params:
-        backend=config["faces"]["backend"],
-        upsample=config["faces"].get("upsample", 1),
-        min_score=config["faces"].get("min_score", 0.0),
-        torch_home=(config["faces"].get("face_alignment") or {}).get("torch_home") or "",
-        gray=" --gray" if config["faces"].get("gray") else "",
-        code=code_hash("faces/backends.py", "faces/cli.py", "faces/landmarks.py", "imageio.py"),
+        config=config_slice("faces"),
+        code=code("faces"),
     threads: 1
     conda:
         CONDA_ENV
     log:
         R("logs/faces/{shard}.log"),
     shell:
-        "{MF} faces --manifest {input.shard} --out {output.faces} --backend {params.backend}"
-        " --upsample {params.upsample} --min-score {params.min_score} --ledger {output.ledger} --threads {threads} --no-progress"
-        "{params.gray}"
-        " $( [ -n '{params.torch_home}' ] && echo --torch-home '{params.torch_home}' ) > {log} 2>&1"
+        "{MF} faces --manifest {input.shard} --out {output.faces} --config {params.config:q}"
+        " --ledger {output.ledger} --threads {threads} --no-progress > {log} 2>&1"
 
 
 rule crops:
@@ -36,7 +32,7 @@ rule crops:
         ledger=R("ledger/crops/{shard}.csv"),
     params:
         crops=config["crops"],
-        code=code_hash("faces/crops.py", "faces/cli.py", "faces/landmarks.py"),
+        code=code("crops"),
     conda:
         CONDA_ENV
     log:

@@ -11,7 +11,7 @@ rule features_lfdl:
     params:
         size=config["lfdl"]["size"],
         mode=config["features"]["mode"],
-        code=code_hash("features.py", "srm.py", "imageio.py"),
+        code=code("features"),
     conda:
         CONDA_ENV
     log:
@@ -30,8 +30,8 @@ rule features_mitl:
     params:
         size=config["mitl"]["size"],
         mode=config["features"]["mode"],
-        low_band=config["mitl"].get("low_band", "l_shape"),
-        code=code_hash("features.py", "dct.py", "imageio.py"),
+        low_band=config["mitl"]["low_band"],
+        code=code("features"),
     conda:
         CONDA_ENV
     log:

@@ -11,7 +11,7 @@ rule fuse:
     params:
         kernel=config["fusion"]["kernel"],
         threshold=config["fusion"]["threshold"],
-        code=code_hash("fusion.py", "imageio.py"),
+        code=code("fuse"),
     conda:
         CONDA_ENV
     log:

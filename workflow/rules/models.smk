@@ -1,26 +1,30 @@
 # features -> train_lfdl / train_mitl [GPU] -> predict per evaluated shard (scores + full-size probability masks)
+from morphfuse.training.resources import train_mem_mb_from_config
 
 
 def _launcher(model):
     """One process on a CPU or one GPU; torchrun with one process per GPU otherwise (DDP inside one job)."""
-    gpus = int(config[model].get("gpus", 1))
+    gpus = int(config[model]["gpus"])
     if gpus > 1:
         return (f"{sys.executable} -m torch.distributed.run --standalone"
                 f" --nproc_per_node=${{SLURM_GPUS_ON_NODE:-{gpus}}} -m morphfuse")
     return MF
 
 
-def _model_params(model):
-    """Everything of the model's config block that changes the trained weights (not the paper block)."""
-    return {k: v for k, v in config[model].items() if k not in ("paper", "gpus", "threads")}
+# Keys of a model block that do not reach training: the paper's settings (a reference) and the CPU threads.
+NOT_TRAINING = ("paper", "threads")
 
 
-from morphfuse.training.resources import train_mem_mb_from_config
+def _training_keys(model):
+    """What training reads: the model's block (network options, recipe, gpus) and the top-level seed."""
+    return ["seed"] + [f"{model}.{k}" for k in sorted(config[model]) if k not in NOT_TRAINING]
 
-MODEL_CODE = {
-    "lfdl": code_hash("models/__init__.py", "models/lfdl.py", "srm.py", "training", "features.py"),
-    "mitl": code_hash("models/__init__.py", "models/mitl.py", "dct.py", "training", "features.py"),
-}
+
+def _weights(model):
+    """Pretrained backbone files named in the config: rule inputs, so replacing one retrains."""
+    p = config[model]["pretrained"]
+    return local_files(*(p.values() if isinstance(p, dict) else [p]))
+
 
 for _model in ("lfdl", "mitl"):
 
@@ -29,6 +33,7 @@ for _model in ("lfdl", "mitl"):
             f"train_{_model}"
         input:
             features=lambda wc, m=_model: [R("features", m, f"{s}.npz") for s in train_shards()],
+            weights=_weights(_model),
         output:
             model=R("models", _model, "model.pt"),
             metrics=R("models", _model, "metrics.csv"),
@@ -36,12 +41,11 @@ for _model in ("lfdl", "mitl"):
             model=_model,
             out=R("models", _model),
             launcher=_launcher(_model),
-            options=_model_params(_model),
-            seed=config["seed"],
-            code=MODEL_CODE[_model],
-        threads: int(config[_model].get("threads", 1))
+            config=config_slice(*_training_keys(_model)),
+            code=code("train"),
+        threads: config[_model]["threads"]
         resources:
-            gpu=int(config[_model].get("gpus", 1)),
+            gpu=config[_model]["gpus"],
             # from batch size, workers and processes, not from the data (training streams it)
             mem_mb=train_mem_mb_from_config(config, _model),
         conda:
@@ -49,8 +53,8 @@ for _model in ("lfdl", "mitl"):
         log:
             R("logs", f"train_{_model}.log"),
         shell:
-            "OMP_NUM_THREADS={threads} {params.launcher} train {params.model} --config {CONFIG} --features {input.features}"
-            " --out {params.out} --resume auto > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} {params.launcher} train {params.model} --config {params.config:q}"
+            " --features {input.features} --out {params.out} --resume auto > {log} 2>&1"
 
 
 if config["predictions"]["source"] == "models":
@@ -69,8 +73,9 @@ if config["predictions"]["source"] == "models":
             params:
                 model=_model,
                 out=lambda wc, m=_model: R("predict", m, wc.shard),
-                score=(config["mitl"].get("score") or {}) if _model == "mitl" else {},
-                code=code_hash("predict.py", "models", "srm.py", "dct.py", "features.py"),
+                score=f" --score-rule {config['mitl']['score']['rule']} --score-percent {config['mitl']['score']['percent']}"
+                if _model == "mitl" else "",
+                code=code("predict"),
             threads: 1
             resources:
                 gpu=1,
@@ -79,8 +84,8 @@ if config["predictions"]["source"] == "models":
             log:
                 R("logs", f"predict_{_model}", "{shard}.log"),
             shell:
-                "OMP_NUM_THREADS={threads} {MF} predict {params.model} --config {CONFIG} --model {input.model} --features {input.features}"
-                " --manifest {input.shard} --out {params.out} --no-progress > {log} 2>&1"
+                "OMP_NUM_THREADS={threads} {MF} predict {params.model} --model {input.model} --features {input.features}"
+                " --manifest {input.shard} --out {params.out}{params.score} --no-progress > {log} 2>&1"
 
 else:
     for _model in ("lfdl", "mitl"):
@@ -98,7 +103,7 @@ else:
                 masks=config["predictions"]["files"][f"{_model}_masks"],
                 scores=config["predictions"]["files"][f"{_model}_scores"],
                 out=lambda wc, m=_model: R("predict", m, wc.shard),
-                code=code_hash("stages/predictions_from_files.py"),
+                code=code("predictions-from-files"),
             conda:
                 CONDA_ENV
             log:

@@ -4,6 +4,7 @@ rule report:
         table=rules.tables.output.table_csv,
         models=[R("models", m, "metrics.csv") for m in ("lfdl", "mitl")],
         manifest=R("manifest/manifest.parquet"),
+        config=rules.effective_config.output,
     output:
         curves=report(R("report/training_curves.png"), caption="../report/training.rst", category="4. Training"),
         ablation=report(R("report/ablation.html"), caption="../report/ablation.rst", category="1. Ablation"),
@@ -15,13 +16,13 @@ rule report:
     params:
         out=R("report"),
         run=str(RUN),
-        code=code_hash("report.py", "provenance.py", "forge/contact_sheet.py"),
+        code=code("report"),
     conda:
         CONDA_ENV
     log:
         R("logs/report.log"),
     shell:
-        "{MF} report --run-dir {params.run} --config {CONFIG} --out {params.out} > {log} 2>&1"
+        "{MF} report --run-dir {params.run} --config {input.config} --out {params.out} > {log} 2>&1"
 
 
 rule export:
@@ -30,15 +31,16 @@ rule export:
         mitl=R("models/mitl/model.pt"),
         tables=rules.tables.output.table_md,
         manifest=R("manifest/manifest.parquet"),
+        config=rules.effective_config.output,
     output:
         bundle=directory(R("bundle")),
     params:
         tables=R("tables"),
-        code=code_hash("export.py"),
+        code=code("export"),
     conda:
         CONDA_ENV
     log:
         R("logs/export.log"),
     shell:
-        "{MF} export --lfdl {input.lfdl} --mitl {input.mitl} --config {CONFIG} --out {output.bundle}"
+        "{MF} export --lfdl {input.lfdl} --mitl {input.mitl} --config {input.config} --out {output.bundle}"
         " --tables {params.tables} --manifest {input.manifest} > {log} 2>&1"

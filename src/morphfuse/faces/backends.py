@@ -30,7 +30,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 
@@ -387,6 +387,19 @@ def backend_options(name: str) -> list[str]:
     if name not in _FACTORIES:
         raise UserError(f"unknown face backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return [p for p in inspect.signature(_FACTORIES[name].__init__).parameters if p != "self"]
+
+
+def backend_from_config(faces: Mapping) -> FaceBackend:
+    """The face backend of a config's ``faces:`` block: the one builder every stage uses (faces, forge, detect).
+
+    Top-level keys (``upsample``, ``min_score``, ``gray``) go to the backends that take them; a block named after
+    the backend (``face_alignment:``) adds its own options."""
+    name = faces["backend"]
+    allowed = backend_options(name)
+    opts = {k: faces[k] for k in ("upsample", "min_score", "gray") if k in allowed and k in faces}
+    own = faces[name] if name in faces else {}
+    opts.update({k: v for k, v in dict(own).items() if k in allowed})
+    return get_backend(name, **opts)
 
 
 def get_backend(name: str, **options) -> FaceBackend:

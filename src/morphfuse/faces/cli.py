@@ -7,8 +7,8 @@ manifest's width/height, gets one line in the ledger and no row (``morphfuse cro
 instead of taking it for an image without a face).
 
 Example:
-  morphfuse faces --manifest manifest/shards/s00000.parquet --out faces/s00000.parquet \\
-      --ledger ledger/faces/s00000.csv --backend dlib --upsample 1
+  morphfuse faces --manifest manifest/shards/train_00000.parquet --out faces/train_00000.parquet \\
+      --ledger ledger/faces/train_00000.csv --config config.yaml
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pandas as pd
 from ..errors import UserError
 from ..imageio import BadImageError, atomic_path, read_image
 from ..ledger import Ledger
-from .backends import BACKENDS, FA_DETECTORS, get_backend
+from .backends import BACKENDS, FA_DETECTORS, backend_from_config, get_backend
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,14 @@ def backend_options_from_args(args) -> dict:
             "min_score": args.min_score, "upsample": args.upsample}
 
 
+def backend_name(args) -> str:
+    if args.config:
+        from ..config import load_stage_config
+
+        return load_stage_config(args.config)["faces"]["backend"]
+    return args.backend
+
+
 def detect_shard(manifest: pd.DataFrame, backend, ledger: Ledger, progress: bool = True,
                  desc: str = "faces") -> tuple[list[dict], dict]:
     """Run ``backend`` over a manifest frame; returns the faces rows and counts (images, faces, no_face, bad)."""
@@ -141,6 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="manifest shard parquet (image_id, root, path, ...)")
     parser.add_argument("--out", required=True, help="faces parquet to write")
     parser.add_argument("--ledger", required=True, help="CSV of images that could not be used (written always)")
+    parser.add_argument("--config", default=None,
+                        help="config.yaml, or the inline JSON slice the workflow's rule passes: its faces: block "
+                             "chooses the backend and its options (the flags below are for runs without it)")
     parser.add_argument("--backend", default="dlib", choices=BACKENDS, help="face backend (default: dlib)")
     parser.add_argument("--upsample", type=int, default=1,
                         help="dlib HOG upsampling steps: 0 finds faces from ~70 px, 1 from ~40 px at ~3.5x the cost "
@@ -168,11 +179,16 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
-        if args.backend in ("mtcnn", "face_alignment"):
+        if backend_name(args) in ("mtcnn", "face_alignment"):
             import torch
 
             torch.set_num_threads(args.threads)
-    backend = get_backend(args.backend, **backend_options_from_args(args))
+    if args.config:
+        from ..config import load_stage_config
+
+        backend = backend_from_config(load_stage_config(args.config)["faces"])
+    else:
+        backend = get_backend(args.backend, **backend_options_from_args(args))
     ledger = Ledger("faces")
     rows, counts = detect_shard(manifest, backend, ledger, progress=not args.no_progress,
                                 desc=f"faces {Path(args.manifest).stem}")

@@ -171,12 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the faces stage's ledger of this shard: its images get no crop (and a ledger line) "
                              "instead of a whole-image crop")
     parser.add_argument("--ledger", default=None, help="CSV of images that got no crop")
-    parser.add_argument("--margin", type=float, default=1.3, help="face box enlargement factor (default 1.3)")
-    parser.add_argument("--max-face-area-fraction", type=float, default=0.7,
+    from ..config import default
+
+    c = default("crops")
+    parser.add_argument("--margin", type=float, default=c["margin"], help="face box enlargement factor (default %(default)s)")
+    parser.add_argument("--max-face-area-fraction", type=float, default=c["max_face_area_fraction"],
                         help="use the whole image when a face box covers more than this fraction of it (0.7)")
-    parser.add_argument("--reference-region", default="nose", choices=REGIONS,
+    parser.add_argument("--reference-region", default=c["reference_region"], choices=REGIONS,
                         help="SSPSL reference region (default nose)")
-    parser.add_argument("--reference-pad", type=float, default=5.0,
+    parser.add_argument("--reference-pad", type=float, default=float(c["reference_pad"]),
                         help="pixels (original image) added around the reference region (default 5)")
 
 

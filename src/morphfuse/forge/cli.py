@@ -205,16 +205,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(method, help=f"forge one shard with {method}")
         p.add_argument("--index", required=True, help="index parquet (manifest columns; real rows have label 0)")
         p.add_argument("--shard", type=_parse_shard, required=True, help="shard number K (or sK, e.g. s00003)")
-        p.add_argument("--shard-size", type=int, default=None, help="reals per shard (default: config shard_size)")
+        p.add_argument("--shard-size", type=int, default=None, help="reals per shard (default: --config's shard_size)")
         p.add_argument("--out", required=True, help="output folder: images/, masks/, rows.parquet, ledger.csv")
-        p.add_argument("--seed", type=int, default=None, help="seed (default: config seed, else 0)")
-        p.add_argument("--per-real", type=int, default=None, help="forgeries per real image (default: config, else 1)")
+        p.add_argument("--seed", type=int, default=None, help="seed (default: --config's seed)")
+        p.add_argument("--per-real", type=int, default=None, help="forgeries per real image (default: --config's forge.per_real)")
         p.add_argument("--min-face-size", type=float, default=None,
                        help="px; smaller largest faces go to the ledger (default: config forge.min_face_size, else 0)")
         p.add_argument("--forehead", action=argparse.BooleanOptionalAction, default=None,
                        help="extend the landmark hull over the forehead (default: the method's config)")
         p.add_argument("--ledger", default=None, help="ledger CSV (default: OUT/ledger.csv)")
-        p.add_argument("--config", default=None, help="config.yaml: forge.<method> options, faces.backend, seed")
+        p.add_argument("--config", default=None, help="config.yaml, or the inline JSON slice a rule passes: forge.<method> options, "
+                            "forge.per_real/min_face_size, faces:, seed, shard_size (default: the schema's defaults)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("import", help="manifest rows for external generator outputs <root>/<method>/{fake,mask}")
     p.add_argument("--root", required=True)
@@ -232,27 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=256, help="tile height in px")
 
 
-def _load_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config {p} does not exist")
-    return yaml.safe_load(p.read_text()) or {}
-
-
-def _backend_from_config(cfg: Mapping):
-    """The face backend of the config's ``faces:`` block (dlib by default), with the options it accepts."""
-    from ..faces.backends import backend_options, get_backend
-
-    faces_cfg = dict(cfg.get("faces") or {})
-    name = faces_cfg.get("backend", "dlib")
-    allowed = backend_options(name)
-    opts = {k: v for k, v in faces_cfg.items() if k in allowed and not isinstance(v, dict)}
-    opts.update({k: v for k, v in dict(faces_cfg.get(name) or {}).items() if k in allowed})  # e.g. face_alignment:
-    return get_backend(name, **opts)
+# Generators whose donors are pasted at the target's face size: the authors' minimum source-face size does not
+# apply to them (FORGERIES.md).
+NO_MIN_FACE_SIZE = ("random_combination", "paste_random")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,25 +257,25 @@ def run(args: argparse.Namespace) -> int:
         contact_sheet(rows, args.out, index=index, max_rows=args.max_rows, tile=args.tile)
         return 0
 
+    from ..config import defaults, load_stage_config
+    from ..faces.backends import backend_from_config
+
     method = args.forge_command
-    cfg = _load_config(args.config)
-    forge_cfg = dict(cfg.get("forge") or {})
-    options = dict(forge_cfg.get(method) or {})
+    cfg = load_stage_config(args.config) if args.config else defaults()
+    forge_cfg = cfg["forge"]
+    options = dict(forge_cfg[method]) if method in forge_cfg else {}
     if args.forehead is not None:
         options["forehead"] = args.forehead
-    if args.min_face_size is not None:
-        options["min_face_size"] = args.min_face_size
-    options.setdefault("min_face_size", forge_cfg.get("min_face_size", 0))
-    shard_size = args.shard_size or cfg.get("shard_size")
-    if not shard_size:
-        raise UserError("--shard-size is required (or shard_size in --config)")
+    min_face = args.min_face_size if args.min_face_size is not None else forge_cfg["min_face_size"]
+    options["min_face_size"] = 0 if method in NO_MIN_FACE_SIZE else min_face
+    shard_size = args.shard_size or cfg["shard_size"]
     index_path = Path(args.index)
     if not index_path.is_file():
         raise UserError(f"index {index_path} does not exist (run `morphfuse index` first)")
     index = pd.read_parquet(index_path)
-    seed = args.seed if args.seed is not None else int(cfg.get("seed", 0))
-    per_real = args.per_real if args.per_real is not None else int(forge_cfg.get("per_real", 1))
+    seed = args.seed if args.seed is not None else int(cfg["seed"])
+    per_real = args.per_real if args.per_real is not None else int(forge_cfg["per_real"])
     forge_shard(index, method, args.shard, int(shard_size), args.out, seed=seed, per_real=per_real,
-                options=options, backend=_backend_from_config(cfg), ledger_path=args.ledger,
+                options=options, backend=backend_from_config(cfg["faces"]), ledger_path=args.ledger,
                 progress=not args.no_progress)
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from ..config import load_config, resolve_path
+from ..config import load_stage_config, resolve_path
 from ..imageio import write_parquet
 from ..ledger import Ledger
 from ..sources import index_sources
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="config.yaml (sources:, split:)")
+    p.add_argument("--config", required=True, help="config.yaml, or the inline JSON slice a rule passes (sources:, split:)")
     p.add_argument("--out", required=True, help="index Parquet to write")
     p.add_argument("--ledger", help="CSV of files that could not be indexed")
 
@@ -26,12 +26,12 @@ def build_index(cfg: dict, ledger: Ledger):
     sources = [dict(s, root=str(resolve_path(s["root"]))) for s in cfg["sources"]]
     df = index_sources(sources, ledger)
     sp = cfg["split"]
-    df = assign_splits(df, sp["fractions"], sp.get("seed", cfg.get("seed", 0)))
+    df = assign_splits(df, sp["fractions"], sp["seed"])
     return df.sort_values("image_id").reset_index(drop=True)
 
 
 def run(args) -> int:
-    cfg = load_config(args.config)
+    cfg = load_stage_config(args.config)
     ledger = Ledger("index")
     df = build_index(cfg, ledger)
     write_parquet(args.out, df)

@@ -23,7 +23,9 @@ log = logging.getLogger("morphfuse.train")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", choices=["lfdl", "mitl"], help="which network to train")
-    p.add_argument("--config", required=True, help="config.yaml (its lfdl:/mitl: block and .train recipe)")
+    p.add_argument("--config", required=True,
+                   help="config.yaml (its lfdl:/mitl: block and .train recipe; validated, defaults filled), or the "
+                        "inline JSON slice the workflow's rule passes")
     p.add_argument("--features", nargs="+", required=True, metavar="NPZ",
                    help="feature shards (.npz files, or folders of them) of this model")
     p.add_argument("--out", required=True, help="output folder (model.pt, metrics.csv, checkpoints/, tb/)")
@@ -75,32 +77,14 @@ def parse_overrides(items: list[str], model_name: str, top_level_keys) -> dict:
     return out
 
 
-def load_config(path: str, overrides: dict) -> dict:
-    try:
-        from ..config import load_config as load_validated
-    except ImportError:  # pragma: no cover - config.py is part of the package
-        load_validated = None
-    if load_validated is not None:
-        return load_validated(path, overrides or None)
-    from ..config import deep_update  # pragma: no cover
-
-    with open(path) as f:  # pragma: no cover
-        return deep_update(yaml.safe_load(f) or {}, overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     from . import engine
     from .checkpoint import resolve_factory
 
-    if not os.path.exists(args.config):
-        raise UserError(f"{args.config}: config file does not exist")
-    try:
-        with open(args.config) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{args.config}: not valid YAML ({e})") from None
-    overrides = parse_overrides(args.overrides, args.model, set(raw))
-    cfg = load_config(args.config, overrides)
+    from ..config import load_stage_config, schema
+
+    overrides = parse_overrides(args.overrides, args.model, set(schema()["properties"]))
+    cfg = load_stage_config(args.config, overrides)
     factory = resolve_factory(args.model_factory)
     res = engine.train(args.model, cfg, args.features, args.out, resume=args.resume, max_steps=args.max_steps,
                        factory=factory, progress=not args.no_progress)

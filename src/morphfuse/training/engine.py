@@ -68,47 +68,47 @@ NON_OPTIONS = tuple(sorted(NON_MODEL_KEYS))
 # --------------------------------------------------------------------------------------------- settings
 @dataclass
 class Settings:
-    """A model's ``train:`` block, checked. Keys beyond the config's are optional (defaults here)."""
+    """A model's ``train:`` block, checked. Defaults come from the config schema (``config.schema.yaml``) only."""
 
     epochs: int
     batch_size: int
     lr: float
-    accumulate: int = 1
-    weight_decay: float = 0.0
-    step_size: int = 5            # LFDL StepLR, in epochs
+    accumulate: int
+    weight_decay: float
+    augment: bool
+    num_workers: int
+    checkpoint_every: int         # optimizer steps; 0 = epoch ends only
+    bf16: bool                    # autocast on CUDA only
+    seed: int                     # null in the config: the top-level seed
+    device: str                   # auto | cpu | cuda (env MORPHFUSE_DEVICE overrides)
+    deterministic: bool | None    # None: on for CPU, off for CUDA
+    find_unused_parameters: bool
+    tensorboard: bool
+    balance: str                  # none | resample_real (the releases' class balance, per epoch)
+    max_steps: int | None         # stop after this many optimizer steps (model.pt marked unfinished)
+    step_size: int = 5            # LFDL StepLR, in epochs (not a MITL key: a neutral value)
     gamma: float = 0.5
+    mixup: float = 0.0            # LFDL: probability per micro-batch
     warmup_epochs: float = 0.0    # MITL
     min_lr: float = 0.0           # MITL
-    mixup: float = 0.0            # LFDL: probability per micro-batch
-    augment: bool = True
-    num_workers: int = 0
-    checkpoint_every: int = 0     # optimizer steps; 0 = epoch ends only
-    bf16: bool = True             # autocast on CUDA only
-    seed: int = 0                 # default: the config's top-level seed
-    device: str = "auto"          # auto | cpu | cuda (env MORPHFUSE_DEVICE overrides)
-    deterministic: bool | None = None   # None: on for CPU, off for CUDA
-    find_unused_parameters: bool = False
-    tensorboard: bool = True
-    balance: str = "resample_real"   # none | resample_real (the releases' class balance, per epoch)
-    max_steps: int | None = None     # stop after this many optimizer steps (model.pt marked unfinished)
 
     @classmethod
     def from_config(cls, model_name: str, cfg: dict) -> "Settings":
-        block = cfg.get(model_name)
+        from ..config import default
+
+        block = cfg[model_name] if model_name in cfg else None
         if not isinstance(block, dict):
             raise UserError(f"config has no '{model_name}:' block")
-        train = block.get("train")
+        train = block["train"] if "train" in block else None
         if not isinstance(train, dict):
             raise UserError(f"config has no '{model_name}.train:' block")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(train) - known)
         if unknown:
-            log.warning("%s.train: ignoring unknown keys %s", model_name, ", ".join(unknown))
-        values = {k: v for k, v in train.items() if k in known}
-        values.setdefault("seed", cfg.get("seed", 0))
-        for k in ("epochs", "batch_size", "lr"):
-            if k not in values:
-                raise UserError(f"{model_name}.train.{k} is missing")
+            raise UserError(f"{model_name}.train: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+        values = {**default(f"{model_name}.train"), **dict(train)}
+        if values["seed"] is None:
+            values["seed"] = cfg["seed"] if "seed" in cfg else default("seed")
         s = cls(**values)
         s._check(model_name)
         env_dev = os.environ.get("MORPHFUSE_DEVICE")
@@ -160,6 +160,37 @@ def config_digest(model_name: str, cfg: dict, settings: Settings) -> str:
     from ..config import config_hash
 
     return config_hash({"model": model_name, "block": cfg[model_name], "seed": settings.seed})
+
+
+# Settings that do not change the weights up to a checkpoint's step: a resume may differ in them.
+FREE_SETTINGS = frozenset({"num_workers", "checkpoint_every", "tensorboard", "device", "deterministic",
+                           "find_unused_parameters", "max_steps"})
+# The schedule of these models does not depend on the number of epochs (StepLR): more epochs continue a run.
+EPOCHS_FREE = frozenset({"lfdl"})
+
+
+def trajectory(model_name: str, size: int, options: dict, s: Settings, data_fp: str, code: str) -> dict:
+    """What defines a training run's weights at every step: the network, the recipe, the data and the code.
+    A checkpoint is resumed only when its trajectory equals the current run's."""
+    train = {k: v for k, v in dataclasses.asdict(s).items() if k not in FREE_SETTINGS}
+    if model_name in EPOCHS_FREE:
+        train.pop("epochs")
+    return ckpt.primitive({"model": model_name, "size": int(size), "options": options, "train": train,
+                           "data": data_fp, "code": code})
+
+
+def trajectory_diff(old: dict | None, new: dict) -> list[str]:
+    """The dotted keys in which two trajectories differ (``["train.lr", "data"]``)."""
+    if not isinstance(old, dict):
+        return ["(checkpoint written by an older morphfuse)"]
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{j}" for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+        elif a != b:
+            out.append(k)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -313,28 +344,13 @@ def _float_parts(parts) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Rows of metrics.csv (rank 0): kept in memory and rewritten atomically at every checkpoint, so that the
-    file always matches the last checkpoint; a resume drops rows past it (they are recomputed)."""
+    """Rows of metrics.csv (rank 0): kept in memory, stored in every checkpoint and rewritten atomically with it,
+    so that the file always matches the last checkpoint; a resume takes the rows up to it from the checkpoint
+    (rows past it are recomputed). The file is never written without a row."""
 
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict] = []
-
-    def load_until(self, step: int) -> None:
-        import pandas as pd
-
-        if not self.path.exists():
-            return
-        try:
-            df = pd.read_csv(self.path)
-        except Exception as e:  # a damaged log is not worth losing the run for
-            log.warning("%s: cannot read previous metrics (%s); starting a new log", self.path, e)
-            return
-        if "step" not in df.columns:
-            return
-        df = df[df["step"] <= step]
-        self.rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
-                     for r in df.to_dict("records")]
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -342,6 +358,8 @@ class MetricsLog:
     def write(self) -> None:
         import pandas as pd
 
+        if not self.rows:
+            return
         cols: list[str] = []
         for r in self.rows:
             cols.extend(k for k in r if k not in cols)
@@ -489,24 +507,34 @@ class _Run:
         np.random.seed(seed_r % 2**32)
         random.seed(seed_r)
 
+    def _resumable_checkpoint(self) -> dict | None:
+        """The checkpoint to continue from, or None: a checkpoint of another run (other trajectory: network,
+        recipe, data or code) is not continued; training starts from scratch and says why in one line."""
+        if self.resume != "auto" or not self.ckpt_path.exists():
+            return None
+        ck = ckpt.load_checkpoint(self.ckpt_path, self.name)
+        diff = trajectory_diff(ck.get("trajectory"), self.trajectory)
+        if diff:
+            if self.ctx.main:
+                log.info("%s is of another run (%s differ%s); training %s from scratch", self.ckpt_path,
+                         ", ".join(diff), "s" if len(diff) == 1 else "", self.name)
+            return None
+        return ck
+
     def _resume(self) -> None:
+        from ..hashing import stage_code
+
         s, ctx = self.s, self.ctx
+        self.trajectory = trajectory(self.name, self.size, self.options, s, self.data_fp, stage_code("train"))
         self.step, self.epoch, self.mb_done = 0, 0, 0
         self.metrics = MetricsLog(self.out / "metrics.csv")
-        resumed = False
-        if self.resume == "auto" and self.ckpt_path.exists():
-            ck = ckpt.load_checkpoint(self.ckpt_path, self.name, self.size, self.options)
+        ck = self._resumable_checkpoint()
+        ctx.barrier()  # every rank decided (they decide alike) before rank 0 removes a stale checkpoint
+        if ck is not None:
             self.raw.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.step, self.epoch, self.mb_done = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
-            if ck.get("config_hash") != self.config_hash and ctx.main:
-                log.warning("%s: the %s config changed since this checkpoint; resuming with the new settings",
-                            self.ckpt_path, self.name)
-            data = ck.get("data", {})
-            if (data.get("n"), data.get("fingerprint")) != (self.n_train, self.data_fp) and ctx.main:
-                log.warning("%s: the training rows differ from the checkpoint's (%s rows then, %d now); the resumed "
-                            "run is not a replay of the interrupted one", self.ckpt_path, data.get("n"), self.n_train)
             rngs = ck["rng"]
             old_world = int(ck.get("world_size", 1))
             if old_world == ctx.world_size and len(rngs) == ctx.world_size:
@@ -531,9 +559,10 @@ class _Run:
                 self.order, self.order_epoch = saved, self.epoch
             if self.mb_done >= self.n_batches:  # a checkpoint at the very end of an epoch's batches
                 self.mb_done = self.n_batches
-            resumed = True
             if ctx.main:
-                self.metrics.load_until(self.step)
+                # The log travels inside the checkpoint: metrics.csv may have been deleted (Snakemake removes a
+                # rerun job's outputs) and is never rewritten with fewer rows than the run has.
+                self.metrics.rows = [dict(r) for r in ck.get("metrics", []) if int(r.get("step", 0)) <= self.step]
                 log.info("resuming %s from %s: step %d/%d, epoch %d, batch %d", self.name, self.ckpt_path,
                          self.step, self.total_steps, self.epoch, self.mb_done)
         elif ctx.main:
@@ -542,7 +571,8 @@ class _Run:
             shutil.rmtree(self.out / "tb", ignore_errors=True)
             for stale in (self.model_path, self.out / "metrics.csv", self.ckpt_path):
                 stale.unlink(missing_ok=True)
-        self.resumed = resumed
+        ctx.barrier()
+        self.resumed = ck is not None
 
     # -------------------------------------------------------------------------------------- writing
     def _save_checkpoint(self) -> None:
@@ -559,6 +589,7 @@ class _Run:
                 "data": {"n": self.n_train, "fingerprint": self.data_fp, "seed": self.s.seed},
                 "order": {"epoch": self.epoch, "indices": torch.from_numpy(self._order(self.epoch).astype(np.int32))},
                 "rng": rngs, "torch_version": str(torch.__version__),
+                "trajectory": self.trajectory, "metrics": ckpt.primitive(self.metrics.rows),
             }
             ckpt.save_atomic(obj, self.ckpt_path)
             self.metrics.write()
