@@ -20,6 +20,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/fusion.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/robustness.smk"
 include: "workflow/rules/bulk.smk"
 
 
@@ -28,4 +29,5 @@ rule all:
         rules.tables.output,
         rules.report.output,
         rules.export.output,
+        rules.robustness.output if ROBUST else [],
     default_target: True

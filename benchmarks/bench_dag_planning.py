@@ -3,7 +3,7 @@
 Builds a synthetic results tree whose checkpoint outputs (index, manifest, shard list and shard files) describe
 N images, then times a dry run of the whole workflow against it:
 
-    .venv/bin/python benchmarks/bench_dag_planning.py --images 1500000 --shard-size 4096
+    .venv/bin/python benchmarks/bench_dag_planning.py --images 1500000 --shard-size 4096 [--sweep default|off]
 """
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tree(root: Path, n_images: int, shard_size: int) -> Path:
+def make_tree(root: Path, n_images: int, shard_size: int, sweep: str = "default") -> Path:
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    # the overlay is merged into config.yaml: the sweep is replaced by the schema's full one, or switched off
+    cfg["evaluate"]["robustness"] = ({"jpeg": [90, 70, 50], "downscale": [0.75, 0.5], "blur": [1, 2], "noise": [3, 7]}
+                                     if sweep == "default" else None)
     cfg["results_dir"] = str(root / "results")
     cfg["run_name"] = "big"
     cfg["shard_size"] = shard_size
@@ -55,21 +58,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1_500_000)
     ap.add_argument("--shard-size", type=int, default=4096)
+    ap.add_argument("--sweep", choices=["default", "off"], default="default",
+                    help="the robustness sweep: the schema's default (8 levels) or none")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        cfg = make_tree(Path(d), a.images, a.shard_size)
+        cfg = make_tree(Path(d), a.images, a.shard_size, a.sweep)
+        import resource
+
+        c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "1",
                             "--configfile", str(cfg), "--snakefile", str(REPO / "Snakefile"),
                             "--directory", str(REPO)], capture_output=True, text=True)
         dt = time.perf_counter() - t
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
         if r.returncode:
             sys.exit(r.stdout[-3000:] + r.stderr[-3000:])
         totals = [int(line.split()[-1]) for line in r.stdout.splitlines()
                   if len(line.split()) == 2 and line.split()[0] == "total" and line.split()[-1].isdigit()]
         jobs = totals[0] if totals else -1
         print(f"images={a.images} shard_size={a.shard_size} shards={-(-a.images // a.shard_size)}+ "
-              f"jobs={jobs} dry_run_s={dt:.1f}")
+              f"sweep={a.sweep} jobs={jobs} dry_run_s={dt:.1f} cpu_s={cpu:.1f}")
         print(r.stdout[-1500:])
 
 

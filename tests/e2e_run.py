@@ -33,7 +33,7 @@ def tiny_config(work: Path) -> dict:
     cfg["mitl"]["size"] = 64
     for m in ("lfdl", "mitl"):
         cfg[m]["train"].update({"epochs": 1, "batch_size": 4, "checkpoint_every": 1000})
-    cfg["evaluate"].update({"bootstrap": 50, "panels": 2})
+    cfg["evaluate"].update({"bootstrap": 50, "panels": 2, "robustness": {"jpeg": [50]}})
     return cfg
 
 

@@ -97,7 +97,9 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(e2e):
 
 # Fusion and everything after it: evaluation, tables, the report's inputs and the model bundle (its model card
 # carries the table). Nothing upstream.
-DOWNSTREAM_OF_FUSION = {"fuse", "evaluate", "tables", "report", "export", "all"}
+DOWNSTREAM_OF_FUSION = {"fuse", "evaluate", "tables", "report", "export", "all",
+                        # the robustness sweep's copies of fusion and evaluation, and its reducer
+                        "fuse_robust", "evaluate_robust", "tables_robust", "robustness"}
 
 
 def _variant_config(e2e, tmp_path, edit) -> Path:
@@ -123,7 +125,8 @@ def test_a_fusion_parameter_reruns_fusion_and_evaluation_only(e2e, tmp_path):
 
 def test_an_lfdl_training_parameter_leaves_mitl_alone(e2e, tmp_path):
     cfg = _variant_config(e2e, tmp_path, lambda c: c["lfdl"]["train"].update(lr=1e-4))
-    assert set(planned_jobs(e2e.work, cfg)) == {"train_lfdl", "predict_lfdl"} | DOWNSTREAM_OF_FUSION | CONFIG_CHANGED
+    assert set(planned_jobs(e2e.work, cfg)) == ({"train_lfdl", "predict_lfdl", "predict_lfdl_robust"}
+                                                | DOWNSTREAM_OF_FUSION | CONFIG_CHANGED)
 
 
 def test_editing_the_fusion_code_reruns_fusion_and_evaluation_only(e2e, tmp_path):

@@ -25,11 +25,14 @@ RUN = Path(config["results_dir"]) / config["run_name"]
 SHARD_SIZE = int(config["shard_size"])
 EVAL_SPLIT = config["evaluate"]["split"]
 # The same interpreter runs every job (also inside SLURM jobs), so the venv's package is always the one used;
-# with `--sdm conda` each job runs in envs/morphfuse.yaml instead, which installs this package too.
+# with `--sdm conda` each job runs in envs/morphfuse.yaml instead.
 from snakemake.settings.types import DeploymentMethod
 
 USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-MF = "python -m morphfuse" if USE_CONDA else f"{sys.executable} -m morphfuse"
+# In the conda env, the package comes from this workflow's own source tree (the env holds third-party packages only).
+SRC = str(Path(workflow.basedir) / "src")
+MF = (f"PYTHONPATH=${{PYTHONPATH:+$PYTHONPATH:}}{SRC} python -m morphfuse" if USE_CONDA
+      else f"{sys.executable} -m morphfuse")
 CONDA_ENV = "../../envs/morphfuse.yaml"
 
 

@@ -36,6 +36,11 @@ rule evaluate:
         " --ledger {output.ledger} --allow-errors {params.convention} > {log} 2>&1"
 
 
+# Parameters of the tables rule that are not paths (shared with the robustness sweep's copy of it).
+TABLES_PARAMS = dict(fused_variant=PANEL_VARIANT, bootstrap=EV["bootstrap"], panels=EV["panels"], seed=config["seed"],
+                     convention=CONVENTION, code=code("tables"))
+
+
 def _all_ledgers(wildcards):
     shards = shard_ids()
     out = [R("ledger/index/index.csv")]
@@ -58,17 +63,12 @@ rule tables:
         pr=report(R("figures/pr.png"), caption="../report/pr.rst", category="2. Detection"),
         panels=report(R("figures/panels.png"), caption="../report/panels.rst", category="3. Localization"),
     params:
+        **TABLES_PARAMS,
         out=R("tables"),
         figures=R("figures"),
         fused=R("fuse", PANEL_VARIANT),
-        fused_variant=PANEL_VARIANT,
-        bootstrap=EV["bootstrap"],
-        panels=EV["panels"],
-        seed=config["seed"],
         lfdl=R("predict/lfdl"),
         mitl=R("predict/mitl"),
-        convention=CONVENTION,
-        code=code("tables"),
     conda:
         CONDA_ENV
     log:

@@ -57,6 +57,14 @@ for _model in ("lfdl", "mitl"):
             " --features {input.features} --out {params.out} --resume auto > {log} 2>&1"
 
 
+# Parameters of the predict rules that are not paths (shared with the robustness sweep's copies of these rules).
+PREDICT_PARAMS = {
+    m: dict(model=m, code=code("predict"),
+            score=f" --score-rule {config['mitl']['score']['rule']} --score-percent {config['mitl']['score']['percent']}"
+            if m == "mitl" else "")
+    for m in ("lfdl", "mitl")
+}
+
 if config["predictions"]["source"] == "models":
     for _model in ("lfdl", "mitl"):
 
@@ -71,11 +79,8 @@ if config["predictions"]["source"] == "models":
                 scores=R("predict", _model, "{shard}", "scores.csv"),
                 masks=directory(R("predict", _model, "{shard}", "masks")),
             params:
-                model=_model,
+                **PREDICT_PARAMS[_model],
                 out=lambda wc, m=_model: R("predict", m, wc.shard),
-                score=f" --score-rule {config['mitl']['score']['rule']} --score-percent {config['mitl']['score']['percent']}"
-                if _model == "mitl" else "",
-                code=code("predict"),
             threads: 1
             resources:
                 gpu=1,
