@@ -296,9 +296,7 @@ def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n
     of the same generator), the same statistics [AUC, F1, IoU, Final] up to float summation order — computed from
     per-group sums: an image's bootstrap weight is its group's multiplicity, so every weighted sum is a sum over
     groups, and the AUC's per-score weights are a sparse (scores × groups) count matrix times the multiplicities.
-    A resample then costs O(images) sparse work instead of several dense passes and scatters over all images."""
-    from scipy.sparse import csr_matrix
-
+    A resample then costs one gather and one bincount per class instead of several dense passes over all images."""
     from .metrics import f1_from_counts, iou_from_counts, pixel_image_mask
 
     labels = np.asarray(labels).astype(np.int64)
@@ -308,10 +306,13 @@ def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n
     inv = inv.ravel()
     pos = labels == 1
 
-    def counts(m):
-        return csr_matrix((np.ones(int(m.sum())), (inv[m], codes[m])), shape=(uniq.size, G))
+    def pairs(m):
+        """The (score value, group) pairs of the images in ``m``, with their counts: the non-zeros of a sparse
+        (scores × groups) matrix, so that its product with the multiplicities is one gather and one bincount."""
+        key = np.unique(inv[m] * G + codes[m], return_counts=True)
+        return key[0] // G, key[0] % G, key[1].astype(np.float64)
 
-    b_pos, b_neg = counts(pos), counts(~pos)
+    (p_val, p_grp, p_cnt), (n_val, n_grp, n_cnt) = pairs(pos), pairs(~pos)
     sel = pixel_image_mask(labels, conv.images)
     cs = codes[sel]
     c = [np.asarray(x, dtype=np.float64)[sel] for x in (tp, fp, fn, tn)]
@@ -331,7 +332,8 @@ def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n
     values = np.empty((n_resamples, 4))
     for r in range(n_resamples):
         mult = np.bincount(rng.integers(0, G, size=G), minlength=G).astype(np.float64)
-        posw, negw = b_pos @ mult, b_neg @ mult
+        posw = np.bincount(p_val, weights=p_cnt * mult[p_grp], minlength=uniq.size)
+        negw = np.bincount(n_val, weights=n_cnt * mult[n_grp], minlength=uniq.size)
         P, N = posw.sum(), negw.sum()
         auc = math.nan if P <= 0 or N <= 0 else float(np.dot(posw, np.cumsum(negw) - 0.5 * negw) / (P * N))
         if pooled:
