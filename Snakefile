@@ -21,6 +21,7 @@ include: "workflow/rules/fusion.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/robustness.smk"
+include: "workflow/rules/bulk.smk"
 
 
 rule all:

@@ -180,3 +180,38 @@ def test_mitl_recipe_tampers_about_one_sample_in_five():
     never = sum(A.imdl_tampering(img, mask, np.random.default_rng(s), 0.0, 0.0)[1].any() for s in range(50))
     always = sum(A.imdl_tampering(img, mask, np.random.default_rng(s), 1.0, 1.0)[1].any() for s in range(50))
     assert (never, always) == (0, 50)
+
+
+def test_fast_pixel_ops_equal_their_reference_formulas():
+    """The vectorised ops (look-up tables, cv2 threshold/rotate, exact colour covariance) give the numbers of the
+    direct numpy formulas; the float32 Gaussian noise has the float64 version's distribution (KS test)."""
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    for b, c in ((0.13, -0.07), (-0.2, 0.2), (0.0, 0.0)):
+        ref = np.clip(np.rint(img.astype(np.float32) * (1.0 + c) + b * 255.0), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(A.brightness_contrast(img, b, c), ref)
+    x = img.reshape(-1, 3).astype(np.float64) / 255.0
+    np.testing.assert_allclose(A.colour_covariance(img), np.cov(x - x.mean(axis=0), rowvar=False), rtol=1e-10,
+                               atol=1e-15)
+    for seed in range(5):
+        cov = np.cov(x - x.mean(axis=0), rowvar=False)
+        vals, vecs = np.linalg.eigh(cov)
+        delta = vecs @ (np.random.default_rng(seed).normal(0.0, 0.1, 3) * vals)
+        ref = np.clip(np.rint(img.astype(np.float64) + delta * 255.0), 0, 255).astype(np.uint8)
+        got = A.fancy_pca(img, np.random.default_rng(seed))
+        assert np.abs(got.astype(int) - ref).max() <= 1 and (got != ref).mean() < 1e-3  # rounding ties at most
+    m = rng.integers(0, 256, (30, 20), dtype=np.uint8)
+    np.testing.assert_array_equal(A.binarize_mask(m), np.where(m > 127.5, 255, 0).astype(np.uint8))
+    for k in (1, 2, 3):
+        i2, m2, _ = A.rot90(img[:47, :47], m[:20, :20], None, k)
+        np.testing.assert_array_equal(i2, np.rot90(img[:47, :47], k, axes=(0, 1)))
+        np.testing.assert_array_equal(m2, np.rot90(m[:20, :20], k, axes=(0, 1)))
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    new = np.concatenate([A.gaussian_noise(grey, np.random.default_rng(s), (30.0, 30.0)).ravel() for s in range(4)])
+    r = np.random.default_rng(99)
+    old = np.concatenate([np.clip(grey.astype(np.float32) + r.normal(0.0, np.sqrt(30.0), grey.shape), 0, 255)
+                          .astype(np.uint8).ravel() for _ in range(4)])
+    assert ks_2samp(new.astype(float), old.astype(float)).pvalue > 1e-3
+    assert abs(new.astype(float).var() - old.astype(float).var()) < 1.5

@@ -286,3 +286,83 @@ def test_manifest_mode_and_tables(tmp_path, capsys):
     mdmf = pd.read_parquet(ev / "mdmf" / "s00000.parquet")
     fk = mdmf[mdmf["label"] == 1]
     assert t2["f1"][0] == pytest.approx(2 * fk["TP"].sum() / (2 * fk["TP"].sum() + fk["FP"].sum() + fk["FN"].sum()))
+
+
+def test_tables_reduce_per_file_and_join_by_id(tmp_path, capsys):
+    """`tables` reads the count files one at a time: the swapped row joins lfdl scores onto mitl counts by image
+    id across files (an image without a valid lfdl row is counted as left out), groups are coded as their sorted
+    names (the bootstrap's resamples), and an image counted twice is named."""
+    rng = np.random.default_rng(5)
+
+    def rows(ids, variant, ok=True):
+        n = len(ids)
+        tp = rng.integers(0, 50, n)
+        return pd.DataFrame({"image_id": ids, "label": [i % 2 for i in range(n)], "score": rng.random(n),
+                             "group": [f"g{i % 3}" for i in range(n)], "variant": variant, "TP": tp,
+                             "FP": rng.integers(0, 9, n), "FN": rng.integers(0, 9, n), "TN": 1000 - tp, "ok": ok,
+                             "threshold": 0.5})
+
+    ev = tmp_path / "ev"
+    (ev / "lfdl").mkdir(parents=True)
+    (ev / "mitl").mkdir()
+    ids = [f"im{i:02d}" for i in range(20)]
+    lf_a, lf_b = rows(ids[:10], "lfdl"), rows(ids[10:19], "lfdl")  # im19 has no lfdl row
+    mi = rows(ids[::-1], "mitl")  # another order, one file
+    lf_a.to_parquet(ev / "lfdl" / "a.parquet")
+    lf_b.to_parquet(ev / "lfdl" / "b.parquet")
+    mi.to_parquet(ev / "mitl" / "a.parquet")
+    assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t"), "--bootstrap", "30",
+                 "--no-figures"]) == 0
+    t = pd.read_csv(tmp_path / "t" / "ablation.csv").set_index("variant")
+    joined = mi.drop(columns="score").merge(pd.concat([lf_a, lf_b])[["image_id", "score"]], on="image_id")
+    assert t.loc["lfdl_score_mitl_mask", "n_images"] == 19 and t.loc["lfdl_score_mitl_mask", "n_errors"] == 1
+    assert t.loc["lfdl_score_mitl_mask", "auc"] == pytest.approx(roc_auc_score(joined["label"], joined["score"]))
+    assert t.loc["mitl", "n_groups"] == 3
+    # the same counts in one file give the same table, intervals included (same group codes, same resamples)
+    pd.concat([lf_a, lf_b]).to_parquet(ev / "lfdl" / "a.parquet")
+    (ev / "lfdl" / "b.parquet").unlink()
+    assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t2"), "--bootstrap", "30",
+                 "--no-figures"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t" / "ablation.csv"),
+                                  pd.read_csv(tmp_path / "t2" / "ablation.csv"))
+    lf_b.iloc[:1].to_parquet(ev / "lfdl" / "dup.parquet")
+    assert main(["tables", "--counts", str(ev), "--out", str(tmp_path / "t3"), "--no-figures"]) == 2
+    assert "image 'im10'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("averaging,images", [("per_image", "fake_only"), ("pooled", "all")])
+def test_grouped_bootstrap_equals_the_generic_one(averaging, images):
+    """tables' per-group bootstrap = metrics.bootstrap_ci over metrics.table_statistic: same resamples, same
+    values (float summation order aside), ties and one-class resamples included."""
+    from morphfuse import metrics as M
+    from morphfuse.tables import grouped_bootstrap
+
+    rng = np.random.default_rng(1)
+    n = 300
+    labels = (rng.random(n) < 0.6).astype(np.int64)
+    scores = np.round(np.clip(rng.normal(0.3 + 0.3 * labels, 0.25), 0, 1), 2)  # many ties
+    tp, fp, fn = rng.integers(0, 30, n), rng.integers(0, 30, n), rng.integers(0, 30, n)
+    tp[:20] = fp[:20] = fn[:20] = 0  # empty pairs (skipped)
+    tn = 2000 - tp - fp - fn
+    groups = np.array([f"id{i % 37:03d}" for i in range(n)])
+    conv = M.Convention(averaging=averaging, images=images)
+    lo, hi = M.bootstrap_ci(None, groups, M.table_statistic(labels, scores, tp, fp, fn, tn, conv), n_resamples=60,
+                            seed=4)
+    glo, ghi = grouped_bootstrap(labels, scores, tp, fp, fn, tn, M.group_codes(groups), conv, 60, 4, 0.95)
+    np.testing.assert_allclose(glo, lo, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ghi, hi, rtol=1e-12, atol=1e-14)
+
+
+def test_curves_are_thinned_for_plotting_within_tolerance():
+    from morphfuse.metrics import roc_curve
+    from morphfuse.plots import thin_curve
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(50_000) < 0.5).astype(int)
+    fpr, tpr = roc_curve(labels, rng.normal(labels * 0.8, 1.0))
+    x, y = thin_curve(fpr, tpr, 500)
+    assert len(x) <= 2 * 500 + 2 and (x[0], y[0], x[-1], y[-1]) == (fpr[0], tpr[0], fpr[-1], tpr[-1])
+    # every point of the full curve is within the spacing of the thinned polyline (tpr is monotone in fpr)
+    assert np.abs(np.interp(fpr, x, y) - tpr).max() < 2 * (np.hypot(1, 1) * 2 / 500)
+    small = thin_curve(fpr[:100], tpr[:100], 500)
+    assert np.array_equal(small[0], fpr[:100])

@@ -243,3 +243,41 @@ def test_resize_rules():
     assert np.isnan(nan).all()
     assert np.isnan(features.box_to_crop_coords((20, 20, 30, 30), (0, 0, 10, 10), 20)).all()  # outside the crop
     np.testing.assert_allclose(features.box_to_crop_coords((-5, 2, 5, 12), (0, 0, 10, 20), 20), [0, 2, 10, 12])
+
+
+def test_streamed_shard_is_what_savez_writes(tmp_path):
+    """ShardWriter (rows appended to disk, assembled in chunks) gives np.savez's file: same members, same order,
+    same bytes at the same offsets; np.load and the row reader read it."""
+    from morphfuse.shards import NpzRows
+
+    rng = np.random.default_rng(0)
+    arrays = {"image_id": np.array(["a", "bb", "ccc"]), "rgb": rng.integers(0, 256, (3, 7, 7, 3), dtype=np.uint8),
+              "mask": rng.integers(0, 2, (3, 7, 7), dtype=np.uint8) * 255, "label": np.array([0, 1, 1]),
+              "srm": rng.normal(size=(3, 3, 7, 7)).astype(np.float16)}
+    features.write_feature_shard(tmp_path / "ref.npz", arrays, {"n": 3})
+    with features.ShardWriter(tmp_path / "new.npz") as w:
+        for k in ("rgb", "mask", "srm"):
+            w.declare(k, arrays[k].dtype, arrays[k].shape[1:])
+        for i in range(3):
+            for k in ("rgb", "mask", "srm"):
+                w.append(k, arrays[k][i:i + 1])
+        w.close({k: arrays[k] for k in ("image_id", "label")}, {"n": 3}, ["image_id", "rgb", "mask", "label", "srm"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npz", "ref.npz"]  # temporaries removed
+    ref, new = NpzRows(tmp_path / "ref.npz"), NpzRows(tmp_path / "new.npz")
+    assert list(ref.members) == list(new.members) and ref.members == new.members
+    with open(tmp_path / "ref.npz", "rb") as f1, open(tmp_path / "new.npz", "rb") as f2:
+        a, b = f1.read(), f2.read()
+    for m in ref.members.values():
+        end = m.offset + m.row_bytes * len(m) if m.shape else m.offset
+        assert a[m.offset:end] == b[m.offset:end], m.name
+    loaded = features.load_feature_shard(tmp_path / "new.npz")
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(loaded[k], v)
+    np.testing.assert_array_equal(new.rows("rgb", [2, 0]), arrays["rgb"][[2, 0]])
+    assert features.feature_shard_meta(tmp_path / "new.npz") == {"n": 3}
+    lazy = features.open_feature_shard(tmp_path / "new.npz")
+    assert lazy["rgb"].shape == (3, 7, 7, 3) and isinstance(lazy["label"], np.ndarray)
+    before = lazy["rgb"].store.bytes_read
+    np.testing.assert_array_equal(lazy["rgb"][np.array([1, 2])], arrays["rgb"][1:3])
+    np.testing.assert_array_equal(lazy["srm"][0], arrays["srm"][0])
+    assert lazy["rgb"].store.bytes_read - before == 2 * 7 * 7 * 3 + 3 * 7 * 7 * 2  # those rows only

@@ -362,6 +362,215 @@ def test_real_lfdl_trains_resumes_and_predicts(tmp_path):
     assert len(sc) == len(ids) and sc.score.between(0, 1).all()
 
 
+# ------------------------------------------------------------------------------------------ streaming data
+def test_training_data_is_streamed_from_the_shards(tmp_path):
+    """The index reads headers and per-row labels only; a sample reads its own row; fingerprint from ids."""
+    from morphfuse.features import load_feature_shard
+    from morphfuse.training.data import FeatureDataset, SplitRows, finish_batch, fingerprint, open_shards
+
+    a = write_shard(tmp_path / "a.npz", 10, 4, seed=0)
+    b = write_shard(tmp_path / "b.npz", 6, 2, seed=1)
+    pool = open_shards([a, b], "lfdl", S)
+    rows = SplitRows(pool, "lfdl", "train", precomputed=False)
+    pixel_bytes = S * S * 4  # one row of rgb + mask
+    assert len(rows) == 16 and pool.bytes_read < pixel_bytes  # split, label, has_mask only
+    whole = [load_feature_shard(p) for p in (a, b)]
+    train = {k: np.concatenate([w[k][w["split"] == "train"] for w in whole]) for k in ("image_id", "face_idx", "rgb")}
+    assert rows.fingerprint() == fingerprint(train)
+    before = pool.bytes_read
+    ds = FeatureDataset(rows, "lfdl", augment=False, seed=0)
+    item = ds[12]  # row 2 of the second shard
+    np.testing.assert_array_equal(item["rgb"].permute(1, 2, 0).numpy(), train["rgb"][12])
+    assert item["rgb"].dtype == torch.uint8 and int(item["row"]) == 12
+    assert pool.bytes_read - before == pixel_bytes + 16  # rgb + mask + ref_box of that row, nothing else
+    batch = finish_batch(torch.utils.data.default_collate([ds[i] for i in (0, 12)]))
+    old = torch.from_numpy(train["rgb"][[0, 12]]).permute(0, 3, 1, 2).float() / 255.0  # the former per-item rule
+    assert batch["rgb"].dtype == torch.float32 and torch.equal(batch["rgb"], old)
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0} and batch["mask"].shape == (2, 1, S, S)
+    # A damaged shard is a one-line error naming the file.
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(a.read_bytes()[:5000])
+    with pytest.raises(UserError, match="bad.npz"):
+        open_shards([bad], "lfdl", S)
+
+
+# ---------------------------------------------------------------------------------------------- balance
+def shard_labels(paths, split="train") -> np.ndarray:
+    """The labels of a split's rows, read from the shards (the expected counts come from the data)."""
+    parts = []
+    for p in paths:
+        with np.load(p) as z:
+            parts.append(z["label"][z["split"] == split])
+    return np.concatenate(parts)
+
+
+def write_unbalanced(path: Path, n_fake: int, n_real: int, n_val: int = 4, seed: int = 0) -> Path:
+    """A toy shard whose train rows hold n_fake fakes and n_real reals (in mixed order)."""
+    n = n_fake + n_real
+    write_shard(path, n, n_val, seed=seed)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    rng = np.random.default_rng(seed + 100)
+    label = np.zeros(n, np.int64)
+    label[rng.choice(n, n_fake, replace=False)] = 1
+    arrays["label"][:n] = label
+    arrays["mask"][:n][label == 0] = 0
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("n_fake,n_real", [(7, 3), (3, 8), (5, 5)])
+def test_resample_real_draws_the_fake_count_per_epoch(n_fake, n_real):
+    from morphfuse.training.data import EpochSamples, epoch_samples
+
+    rng = np.random.default_rng(n_fake * 10 + n_real)
+    labels = np.zeros(n_fake + n_real, np.int64)
+    labels[rng.choice(len(labels), n_fake, replace=False)] = 1
+    fakes, reals = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    e0 = epoch_samples(labels, "resample_real", 3, 0)
+    assert len(e0) == 2 * n_fake and np.all(np.diff(e0) >= 0)  # row order, copies side by side
+    np.testing.assert_array_equal(np.intersect1d(e0, fakes), fakes)
+    assert np.sum(np.isin(e0, fakes)) == n_fake  # every fake exactly once
+    drawn = e0[np.isin(e0, reals)]
+    counts = np.bincount(drawn, minlength=len(labels))[reals]
+    q = n_fake // n_real
+    assert counts.min() >= q and counts.max() <= q + 1  # reals: q copies each, the rest drawn without replacement
+    assert np.array_equal(e0, epoch_samples(labels, "resample_real", 3, 0))  # deterministic per (seed, epoch)
+    others = [epoch_samples(labels, "resample_real", 3, e) for e in range(1, 6)]
+    if n_fake == n_real:
+        assert all(np.array_equal(o, np.arange(len(labels))) for o in [e0] + others)  # balanced: the plain epoch
+    else:
+        assert any(not np.array_equal(o, e0) for o in others)  # a new draw each epoch
+    assert epoch_samples(labels, "none", 3, 0) is None
+    assert epoch_samples(np.ones(4, np.int64), "resample_real", 3, 0) is None  # one class: nothing to balance
+    es = EpochSamples(labels, "resample_real", 3)
+    keys = es.keys(0, range(es.length(0)))
+    assert [r for _, r, _ in keys] == e0.tolist()
+    assert len(set(keys)) == len(keys)  # the copies of a row are distinct samples (their own augmentation seed)
+
+
+def test_balanced_training_counts_come_from_the_shards(tmp_path):
+    a = write_unbalanced(tmp_path / "a.npz", n_fake=9, n_real=4)
+    b = write_unbalanced(tmp_path / "b.npz", n_fake=3, n_real=6, seed=1)
+    labels = shard_labels([a, b])
+    n_fake = int(np.sum(labels == 1))
+    cfg = make_config(tmp_path, epochs=2, batch_size=4, balance="resample_real", checkpoint_every=100)
+    res = run_train(cfg, [a, b], tmp_path / "bal")
+    assert res.total_steps == 2 * ((2 * n_fake) // 4)
+    cfg = make_config(tmp_path, epochs=2, batch_size=4, balance="none")
+    assert run_train(cfg, [a, b], tmp_path / "none").total_steps == 2 * (len(labels) // 4)
+    ck = state(tmp_path / "bal" / "checkpoints" / "last.pt")
+    assert ck["data"]["n"] == len(labels)
+    with pytest.raises(UserError, match="balance"):
+        run_train(make_config(tmp_path, balance="oversample"), [a], tmp_path / "x")
+
+
+def test_max_steps_from_the_config(tmp_path):
+    shard = write_shard(tmp_path / "s0.npz", 16, 4)
+    cfg = make_config(tmp_path, epochs=3, max_steps=2)
+    r = run_train(cfg, [shard], tmp_path / "out")
+    assert (r.step, r.finished) == (2, False) and state(tmp_path / "out" / "model.pt")["finished"] is False
+    assert run_train(cfg, [shard], tmp_path / "out2", max_steps=5).step == 5  # --max-steps wins
+    cfg["lfdl"]["train"]["max_steps"] = None
+    r = run_train(cfg, [shard], tmp_path / "out")  # without it the run resumes and finishes
+    assert r.finished and r.step == r.total_steps == 12
+    with pytest.raises(UserError, match="max_steps"):
+        run_train(make_config(tmp_path, max_steps=0), [shard], tmp_path / "y")
+
+
+# ------------------------------------------------------------------------------------ DDP, balanced, kill -9
+def make_recording_standin(name, size, options):
+    """StandIn that appends each training batch's rows to $MF_TEST_TRACE.<rank> and SIGKILLs its process at
+    training forward number $MF_TEST_KILL_AT (every rank at once, as a node failure would)."""
+    m = StandIn(name, size)
+    forward, calls = m.forward, {"n": 0}
+    trace, kill_at, rank = os.environ.get("MF_TEST_TRACE"), int(os.environ.get("MF_TEST_KILL_AT", "0")), \
+        os.environ.get("RANK", "0")
+
+    def fwd(batch):
+        if m.training:
+            calls["n"] += 1
+            if kill_at and calls["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if trace:
+                with open(f"{trace}.{rank}", "a") as f:
+                    f.write(" ".join(str(int(r)) for r in batch["row"]) + "\n")
+        return forward(batch)
+
+    m.forward = fwd
+    return m
+
+
+def test_ddp_balanced_disjoint_ranks_and_kill9_resume(tmp_path):
+    """torchrun, 2 gloo processes, balance resample_real: each epoch the ranks train on disjoint samples whose
+    union is the epoch's balanced sample set (counts from the shard's labels); kill -9 of both processes
+    mid-epoch and a resume end with bitwise the weights of an uninterrupted run."""
+    from morphfuse.training.data import epoch_samples
+
+    shard = write_unbalanced(tmp_path / "s0.npz", n_fake=12, n_real=5)
+    labels = shard_labels([shard])
+    n_fake = int(np.sum(labels == 1))
+    epochs, batch, world = 2, 4, 2
+    make_config(tmp_path, epochs=epochs, batch_size=batch, checkpoint_every=1, augment=True, mixup=0.5,
+                balance="resample_real", num_workers=1)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", MORPHFUSE_DEVICE="cpu")
+
+    def launch(out, **extra):
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "morphfuse.cli", "train", "lfdl",
+               "--config", str(tmp_path / "config_lfdl.yaml"), "--features", str(shard), "--out", str(out),
+               "--model-factory", "test_training:make_recording_standin", "--no-progress"]
+        return subprocess.run(cmd, env=dict(env, **extra), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    p = launch(tmp_path / "straight", MF_TEST_TRACE=str(tmp_path / "trace"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    per_rank = [[list(map(int, line.split())) for line in (tmp_path / f"trace.{r}").read_text().splitlines()]
+                for r in range(world)]
+    steps = (2 * n_fake) // world // batch
+    assert all(len(lines) == epochs * steps for lines in per_rank)
+    for e in range(epochs):
+        got = [sorted(r for line in lines[e * steps:(e + 1) * steps] for r in line) for lines in per_rank]
+        expected = epoch_samples(labels, "resample_real", 0, e)
+        assert len(got[0]) == len(got[1]) == n_fake  # 2·fakes samples, split evenly
+        assert sorted(got[0] + got[1]) == expected.tolist()  # the union is the balanced epoch ...
+        fakes = [{r for r in g if labels[r] == 1} for g in got]
+        assert fakes[0].isdisjoint(fakes[1]) and len(fakes[0]) + len(fakes[1]) == n_fake  # each fake on one rank
+        assert np.sum(labels[got[0] + got[1]] == 1) == n_fake  # half fakes, half (re)drawn reals
+    # The ranks' positions in the epoch's samples are disjoint: no sample (row, copy) is trained twice.
+    ck = state(tmp_path / "straight" / "checkpoints" / "last.pt")
+    order = ck["order"]["indices"]
+    assert order.shape == (world, n_fake) and len(set(order.flatten().tolist())) == 2 * n_fake
+
+    out = tmp_path / "killed"
+    p = launch(out, MF_TEST_KILL_AT=str(steps + 2))  # both ranks die at step steps+2 (epoch 2), SIGKILL
+    assert p.returncode != 0 and not (out / "model.pt").exists()
+    assert state(out / "checkpoints" / "last.pt")["step"] == steps + 1
+    p = launch(out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sa, sb = state(tmp_path / "straight" / "model.pt")["state_dict"], state(out / "model.pt")["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_memory_request_follows_batch_workers_and_gpus():
+    """SLURM mem_mb of the train rules: from batch size, data workers and processes (one per GPU); the formula
+    by hand, and the profile leaves it to the rule."""
+    from morphfuse.config import deep_update
+    from morphfuse.training.resources import BASE_MB, MARGIN, WORKER_MB, train_mem_mb, train_mem_mb_from_config
+
+    per = BASE_MB["lfdl"] + 4 * WORKER_MB + 76 * (299 * 299 * 4 / 2**20) * (8 + 2 * 4)
+    assert train_mem_mb("lfdl", 299, 76, 4, 8) == int(np.ceil(8 * per * MARGIN / 1000) * 1000)
+    assert train_mem_mb("mitl", 512, 10, 4, 8) > train_mem_mb("mitl", 512, 10, 0, 8) > train_mem_mb("mitl", 512, 10, 0, 1)
+    assert train_mem_mb("lfdl", 299, 304, 4, 8) > train_mem_mb("lfdl", 299, 76, 4, 8)
+    paper = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()),
+                        yaml.safe_load((REPO / "configs" / "paper.yaml").read_text()))
+    assert train_mem_mb_from_config(paper, "lfdl") == train_mem_mb("lfdl", 299, 76, 4, 8)
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert all("mem_mb" not in profile["set-resources"][f"train_{m}"] for m in ("lfdl", "mitl"))
+    assert "train_mem_mb_from_config(config, _model)" in (REPO / "workflow" / "rules" / "models.smk").read_text()
+
+
 # --------------------------------------------------------------------------- resume means "the same run" (issue 9)
 def _same_weights(a: Path, b: Path) -> bool:
     sa, sb = state(a)["state_dict"], state(b)["state_dict"]

@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("provenance", "morphfuse.provenance", "provenance.json of a run: config and hash, versions, git, machine, times"),
     ("export", "morphfuse.export", "bundle trained models, their config and a model card"),
     ("detect", "morphfuse.detect", "apply a model bundle to new images: scores, masks and overlays"),
+    ("bulk", "morphfuse.stages.bulk", "shard a folder's image list for bulk detection, merge the shards' scores"),
 ]
 
 

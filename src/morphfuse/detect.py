@@ -70,8 +70,10 @@ def safe_name(text: str) -> str:
     return s or "image"
 
 
-def collect_inputs(paths: list[str]) -> tuple[list[Item], list[tuple[str, str]]]:
-    """The images to process, with unique names, and the ``(path, reason)`` of arguments that do not exist."""
+def collect_inputs(paths: list[str], listed: tuple[Path, list[str]] | None = None
+                   ) -> tuple[list[Item], list[tuple[str, str]]]:
+    """The images to process, with unique names, and the ``(path, reason)`` of arguments that do not exist.
+    ``listed``: ``(root, relative paths)`` named as if found in the folder ``root`` (``--input-list``)."""
     items: list[Item] = []
     missing: list[tuple[str, str]] = []
     taken: set[str] = set()
@@ -92,6 +94,11 @@ def collect_inputs(paths: list[str]) -> tuple[list[Item], list[tuple[str, str]]]
         taken.add(name)
         items.append(Item(name, path))
 
+    for rel in (listed[1] if listed else []):
+        if (listed[0] / rel).is_file():
+            add(listed[0] / rel, rel)
+        else:
+            missing.append((str(listed[0] / rel), "no such file (listed in --input-list)"))
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
@@ -238,7 +245,7 @@ def overlay_image(rgb: np.ndarray, fused: np.ndarray, crops, score: float, mitl_
 # ---------------------------------------------------------------------------------------------------- run
 def detect(inputs: list[str], models: str | os.PathLike, out: str | os.PathLike, variant: str | None = None,
            device: str = "auto", batch_size: int = 8, kernel: int | None = None, threshold: float | None = None,
-           progress: bool = True) -> dict:
+           progress: bool = True, listed: tuple[Path, list[str]] | None = None) -> dict:
     """Run detection; returns ``{"rows": [...], "failed": n, "images": n}`` and writes everything in ``out``."""
     import torch
     from tqdm import tqdm
@@ -249,8 +256,8 @@ def detect(inputs: list[str], models: str | os.PathLike, out: str | os.PathLike,
         raise UserError("--device cuda: torch finds no CUDA device")
     dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     bundle = load_bundle(models)
-    items, missing = collect_inputs(inputs)
-    if not items and not missing:
+    items, missing = collect_inputs(inputs, listed)
+    if not items and not missing and listed is None:
         raise UserError(f"no image files found in {', '.join(inputs)} (looked for {' '.join(IMAGE_EXTENSIONS)})")
     det = Detector(bundle, dev, variant, kernel, threshold, batch_size)
     out = Path(out)
@@ -333,7 +340,10 @@ def _json_default(o):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .fusion import VARIANTS
 
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--input-list", metavar="TXT", help="also the files listed here (one path a line, relative to "
+                   "--input-root), named as when found in that folder (the workflow's bulk target)")
+    p.add_argument("--input-root", metavar="DIR", help="folder of the --input-list paths (default: the list's)")
     p.add_argument("--models", required=True, metavar="BUNDLE",
                    help="model bundle folder written by `morphfuse export` (checked against its hashes)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (masks/, prob/, overlays/, scores)")
@@ -350,9 +360,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    listed = None
+    if args.input_list:
+        lst = Path(args.input_list)
+        if not lst.is_file():
+            raise UserError(f"--input-list {lst}: no such file")
+        listed = (Path(args.input_root) if args.input_root else lst.parent,
+                  [line for line in lst.read_text().splitlines() if line.strip()])
+    elif not args.inputs:
+        raise UserError("give images or folders, or --input-list")
     res = detect(args.inputs, args.models, args.out, variant=args.variant, device=args.device,
                  batch_size=args.batch_size, kernel=args.kernel, threshold=args.threshold,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, listed=listed)
     n_fake = sum(r["fake"] for r in res["rows"])
     log.info("detect: %d input(s): %d processed (%d called fake), %d failed -> %s", res["images"], len(res["rows"]),
              n_fake, res["failed"], args.out)

@@ -14,6 +14,11 @@ Beyond the contract, LFDL entries carry ``crop_kind`` (face | no_face | face_too
 ``has_mask``; a 0-d JSON string ``meta`` (kind, mode, size, low_band, n, format) is read by
 :func:`feature_shard_meta` and left out by :func:`load_feature_shard`.
 
+Memory: one source image is decoded at a time and each output row goes straight to disk (:class:`ShardWriter`:
+per-member temporary files beside the output, assembled into the npz in 16 MB chunks; SRM / DCT computed per
+``--batch-size`` rows), so a shard of 4096 images needs the same memory as one of 64 (BENCHMARKS.md); the disk
+needs the shard's size twice while it is assembled.
+
 The same helpers (:func:`lfdl_inputs_from_rgb`, :func:`mitl_inputs_from_rgb`) turn stored uint8 pixels into model
 inputs on the fly, so both modes give the same numbers up to float16 rounding.
 
@@ -170,6 +175,81 @@ def write_feature_shard(path: str | os.PathLike, arrays: dict[str, np.ndarray], 
             np.savez(f, **payload)
 
 
+COPY_CHUNK = 16 << 20  # bytes copied at a time when a shard is assembled
+
+
+class ShardWriter:
+    """Write a feature shard row by row in bounded memory; the file is exactly what :func:`write_feature_shard`
+    (``np.savez``) writes for the same arrays.
+
+    The large per-row members (``rgb``, ``mask``, ``srm``, ``dct_*``: declared with :meth:`declare`) are
+    appended to raw temporary files beside the output (plain writes, so they live in the page cache, not in
+    this process); :meth:`close` assembles the uncompressed npz member by member, copying ``COPY_CHUNK`` bytes at
+    a time, and renames it into place. Small members (ids, labels, boxes) are given to :meth:`close` as arrays.
+    Peak memory is a chunk plus what the caller holds, whatever the number of rows; the disk needs the shard's
+    size twice while assembling. Use as a context manager: temporaries are removed on every exit.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.parts-", dir=self.path.parent))
+        self.specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.counts: dict[str, int] = {}
+        self.files: dict = {}
+
+    def declare(self, name: str, dtype, row_shape) -> None:
+        self.specs[name] = (np.dtype(dtype), tuple(int(v) for v in row_shape))
+        self.counts[name] = 0
+        self.files[name] = open(self.tmp_dir / f"{name}.raw", "wb")
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        """Append rows (``(k, *row_shape)``) to a declared member."""
+        dtype, shape = self.specs[name]
+        rows = np.ascontiguousarray(rows, dtype=dtype)
+        if rows.shape[1:] != shape:
+            raise ValueError(f"{name}: rows of shape {rows.shape[1:]}, declared {shape}")
+        self.files[name].write(memoryview(rows).cast("B"))
+        self.counts[name] += rows.shape[0]
+
+    def close(self, small: dict[str, np.ndarray], meta: dict, order=None) -> None:
+        """Write the npz: the declared members and ``small`` in ``order`` (default: declared, then small)."""
+        for f in self.files.values():
+            f.close()
+        names = list(order) if order is not None else list(self.specs) + [k for k in small if k not in self.specs]
+        with atomic_path(self.path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name in names + ["meta"]:
+                with zf.open(name + ".npy", "w", force_zip64=True) as fp:
+                    if name == "meta":
+                        np.lib.format.write_array(fp, np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False)
+                    elif name in self.specs:
+                        dtype, shape = self.specs[name]
+                        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                  "shape": (self.counts[name],) + shape}
+                        np.lib.format.write_array_header_1_0(fp, header)
+                        with open(self.tmp_dir / f"{name}.raw", "rb") as raw:
+                            while chunk := raw.read(COPY_CHUNK):
+                                fp.write(chunk)
+                    else:
+                        np.lib.format.write_array(fp, np.asarray(small[name]), allow_pickle=False)
+
+    def cleanup(self) -> None:
+        import shutil
+
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.cleanup()
+        return False
+
+
 def load_feature_shard(path: str | os.PathLike, keys=None) -> dict[str, np.ndarray]:
     """Read a feature shard: its per-entry arrays by name (all with the same leading length N), without pickles.
 
@@ -191,6 +271,24 @@ def load_feature_shard(path: str | os.PathLike, keys=None) -> dict[str, np.ndarr
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable feature shard ({type(e).__name__}: {e})") from None
     lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise UserError(f"{path}: arrays of different lengths {lengths}; the shard is damaged, "
+                        "rerun `morphfuse features`")
+    return arrays
+
+
+LAZY_MEMBERS = ("rgb", "mask", "srm", "dct_high", "dct_low")
+
+
+def open_feature_shard(path: str | os.PathLike, lazy=LAZY_MEMBERS) -> dict:
+    """Like :func:`load_feature_shard`, but the per-row pixel members (``lazy``) are
+    :class:`morphfuse.shards.RowsView` objects that read only the rows asked for (``arrays["rgb"][rows]``), so a
+    stage holds a batch, not the shard. The small members (ids, labels, boxes) are read whole."""
+    from .shards import NpzRows, RowsView
+
+    store = NpzRows(path)
+    arrays = {k: (RowsView(store, k) if k in lazy else store.read(k)) for k in store.members if k != "meta"}
+    lengths = {k: len(v) for k, v in arrays.items() if getattr(v, "ndim", 1)}
     if len(set(lengths.values())) > 1:
         raise UserError(f"{path}: arrays of different lengths {lengths}; the shard is damaged, "
                         "rerun `morphfuse features`")
@@ -266,16 +364,80 @@ def _load_sample(row, ledger: Ledger) -> tuple[np.ndarray, np.ndarray, bool] | N
     return rgb, mask, True
 
 
-def _chunks(n: int, size: int):
-    for i in range(0, n, size):
-        yield i, min(n, i + size)
+class _Output:
+    """One feature shard being written: pixels and masks streamed to disk, SRM/DCT computed per batch."""
+
+    def __init__(self, kind: str, path, size: int, mode: str, low_band: str, batch_size: int, device):
+        self.kind, self.size, self.mode, self.low_band = kind, size, mode, low_band
+        self.batch_size, self.device = batch_size, device
+        self.w = ShardWriter(path)
+        self.w.declare("rgb", np.uint8, (size, size, 3))
+        self.w.declare("mask", np.uint8, (size, size))
+        self.derived = () if mode != "precompute" else (("srm",) if kind == "lfdl" else ("dct_high", "dct_low"))
+        for k in self.derived:
+            self.w.declare(k, np.float16, (3, size, size))
+        self.small: dict[str, list] = {}
+        self.pending: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, rgb: np.ndarray, mask: np.ndarray, **values) -> None:
+        self.w.append("rgb", rgb[None])
+        self.w.append("mask", mask[None])
+        for k, v in values.items():
+            self.small.setdefault(k, []).append(v)
+        self.n += 1
+        if self.derived:
+            self.pending.append(rgb)
+            if len(self.pending) >= self.batch_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        batch = np.stack(self.pending)
+        self.pending = []
+        with torch.inference_mode():
+            if self.kind == "lfdl":
+                d = {"srm": lfdl_inputs_from_rgb(batch, self.device)["srm"]}
+            else:
+                d = mitl_inputs_from_rgb(batch, self.low_band, self.device)
+            for k in self.derived:
+                self.w.append(k, d[k].cpu().numpy().astype(np.float16))
+
+    def finish(self, columns: dict, meta: dict) -> int:
+        """``columns``: small member name -> (dtype or 'str', row shape) in file order (rgb, mask inserted)."""
+        self._flush()
+        n = self.n
+        small = {}
+        for k, (dtype, shape) in columns.items():
+            vals = self.small.get(k, [])
+            small[k] = _str_array(vals) if dtype == "str" else np.asarray(vals, dtype).reshape((n,) + shape)
+        order = []
+        for k in columns:
+            order.append(k)
+            if k == ("crop_box" if self.kind == "lfdl" else "image_id"):
+                order += ["rgb", "mask"]
+        self.w.close(small, {**meta, "n": n}, order + list(self.derived))
+        return n
 
 
-def build_features(manifest: pd.DataFrame, crops: pd.DataFrame | None, *, lfdl_size: int | None,
-                   mitl_size: int | None, mode: str, low_band: str, ledger: Ledger, batch_size: int = 16,
-                   device: str = "cpu") -> tuple[dict | None, dict | None]:
-    """The arrays of the LFDL shard (if ``lfdl_size``) and the MITL shard (if ``mitl_size``)."""
-    want_lfdl, want_mitl = lfdl_size is not None, mitl_size is not None
+LFDL_COLUMNS = {"image_id": ("str", ()), "face_idx": (np.int64, ()), "crop_box": (np.int64, (4,)),
+                "has_mask": (bool, ()), "label": (np.int64, ()), "ref_box": (np.float32, (4,)),
+                "split": ("str", ()), "orig_hw": (np.int64, (2,)), "crop_kind": ("str", ())}
+MITL_COLUMNS = {"image_id": ("str", ()), "has_mask": (bool, ()), "label": (np.int64, ()), "split": ("str", ()),
+                "orig_hw": (np.int64, (2,))}
+
+
+def write_features(manifest: pd.DataFrame, crops: pd.DataFrame | None, *, out_lfdl=None, out_mitl=None,
+                   lfdl_size: int = 299, mitl_size: int = 512, mode: str, low_band: str, ledger: Ledger,
+                   batch_size: int = 16, device: str = "cpu") -> dict[str, int]:
+    """Write the LFDL shard (if ``out_lfdl``) and the MITL shard (if ``out_mitl``) of one manifest shard.
+
+    One image is decoded at a time; its crops / resized image go straight to the shards' temporary member files
+    (:class:`ShardWriter`) and SRM / DCT are computed per ``batch_size`` rows, so memory does not grow with the
+    shard. Returns the number of rows written per kind.
+    """
+    want_lfdl, want_mitl = out_lfdl is not None, out_mitl is not None
     by_image: dict[str, pd.DataFrame] = {}
     if want_lfdl:
         crops = crops.sort_values(["image_id", "face_idx"], kind="stable")
@@ -284,101 +446,59 @@ def build_features(manifest: pd.DataFrame, crops: pd.DataFrame | None, *, lfdl_s
         if unknown:
             raise UserError(f"the crops name {len(unknown)} image(s) not in the manifest shard "
                             f"(first: {unknown[0]!r}); are --crops and --manifest of the same shard?")
-    n_crops = sum(len(g) for g in by_image.values())
-    S, M = lfdl_size or 0, mitl_size or 0
-    L = {"image_id": [], "face_idx": [], "crop_box": [], "label": [], "has_mask": [], "ref_box": [], "split": [],
-         "orig_hw": [], "crop_kind": []}
-    L_rgb = np.zeros((n_crops, S, S, 3), np.uint8)
-    L_mask = np.zeros((n_crops, S, S), np.uint8)
-    T = {"image_id": [], "label": [], "has_mask": [], "split": [], "orig_hw": []}
-    T_rgb = np.zeros((len(manifest) if want_mitl else 0, M, M, 3), np.uint8)
-    T_mask = np.zeros_like(T_rgb[..., 0])
-    no_mask_fakes = 0
-    for row in manifest.to_dict("records"):
-        iid = str(row["image_id"])
-        sample = _load_sample(row, ledger)
-        if sample is None:
-            continue
-        rgb, mask, has_mask = sample
-        h, w = rgb.shape[:2]
-        no_mask_fakes += int(int(row["label"]) == 1 and not has_mask)
-        if want_mitl:
-            k = len(T["image_id"])
-            T_rgb[k] = resize_image(rgb, M)
-            T_mask[k] = resize_mask(mask, M)
-            for key, val in (("image_id", iid), ("label", int(row["label"])), ("has_mask", has_mask),
-                             ("split", row["split"]), ("orig_hw", (h, w))):
-                T[key].append(val)
-        if not want_lfdl:
-            continue
-        group = by_image.get(iid)
-        if group is None:
-            ledger.add(iid, _image_path(row), "lfdl: no crop row for this image in the crops parquet "
-                       "(see the crops ledger)")
-            continue
-        for c in group.to_dict("records"):
-            raw = [_float_or_nan(c[k]) for k in ("x0", "y0", "x1", "y1")]
-            box = [0, 0, 0, 0] if any(math.isnan(v) for v in raw) else [int(v) for v in raw]
-            x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])
-            if x1 <= x0 or y1 <= y0:
-                ledger.add(iid, _image_path(row), f"lfdl: crop face_idx {c['face_idx']} box "
-                           f"({c['x0']}, {c['y0']}, {c['x1']}, {c['y1']}) is empty inside the {w}x{h} image")
+    S, M = lfdl_size, mitl_size
+    outs: list[_Output] = []
+    try:
+        L = _Output("lfdl", out_lfdl, S, mode, low_band, batch_size, device) if want_lfdl else None
+        outs += [L] if L else []
+        T = _Output("mitl", out_mitl, M, mode, low_band, batch_size, device) if want_mitl else None
+        outs += [T] if T else []
+        no_mask_fakes = 0
+        for row in manifest.to_dict("records"):
+            iid = str(row["image_id"])
+            sample = _load_sample(row, ledger)
+            if sample is None:
                 continue
-            k = len(L["image_id"])
-            L_rgb[k] = resize_image(rgb[y0:y1, x0:x1], S)
-            L_mask[k] = resize_mask(mask[y0:y1, x0:x1], S)
-            ref = tuple(_float_or_nan(c.get(r)) for r in REF_COLUMNS)
-            for key, val in (("image_id", iid), ("face_idx", int(c["face_idx"])), ("crop_box", (x0, y0, x1, y1)),
-                             ("label", int(row["label"])), ("has_mask", has_mask),
-                             ("ref_box", box_to_crop_coords(ref, (x0, y0, x1, y1), S)), ("split", row["split"]),
-                             ("orig_hw", (h, w)), ("crop_kind", c.get("kind", ""))):
-                L[key].append(val)
-    if no_mask_fakes:
-        log.info("%d fake image(s) without a ground-truth mask kept with has_mask=False", no_mask_fakes)
-
-    lfdl = mitl = None
-    if want_lfdl:
-        n = len(L["image_id"])
-        lfdl = {
-            "image_id": _str_array(L["image_id"]),
-            "face_idx": np.asarray(L["face_idx"], np.int64),
-            "crop_box": np.asarray(L["crop_box"], np.int64).reshape(n, 4),
-            "rgb": L_rgb[:n],
-            "mask": L_mask[:n],
-            "has_mask": np.asarray(L["has_mask"], bool),
-            "label": np.asarray(L["label"], np.int64),
-            "ref_box": np.asarray(L["ref_box"], np.float32).reshape(n, 4),
-            "split": _str_array(L["split"]),
-            "orig_hw": np.asarray(L["orig_hw"], np.int64).reshape(n, 2),
-            "crop_kind": _str_array(L["crop_kind"]),
-        }
-        if mode == "precompute":
-            out = np.zeros((n, 3, S, S), np.float16)
-            with torch.inference_mode():
-                for i, j in _chunks(n, batch_size):
-                    out[i:j] = lfdl_inputs_from_rgb(lfdl["rgb"][i:j], device)["srm"].cpu().numpy().astype(np.float16)
-            lfdl["srm"] = out
-    if want_mitl:
-        n = len(T["image_id"])
-        mitl = {
-            "image_id": _str_array(T["image_id"]),
-            "rgb": T_rgb[:n],
-            "mask": T_mask[:n],
-            "has_mask": np.asarray(T["has_mask"], bool),
-            "label": np.asarray(T["label"], np.int64),
-            "split": _str_array(T["split"]),
-            "orig_hw": np.asarray(T["orig_hw"], np.int64).reshape(n, 2),
-        }
-        if mode == "precompute":
-            hi = np.zeros((n, 3, M, M), np.float16)
-            lo = np.zeros((n, 3, M, M), np.float16)
-            with torch.inference_mode():
-                for i, j in _chunks(n, batch_size):
-                    d = mitl_inputs_from_rgb(mitl["rgb"][i:j], low_band, device)
-                    hi[i:j] = d["dct_high"].cpu().numpy().astype(np.float16)
-                    lo[i:j] = d["dct_low"].cpu().numpy().astype(np.float16)
-            mitl["dct_high"], mitl["dct_low"] = hi, lo
-    return lfdl, mitl
+            rgb, mask, has_mask = sample
+            h, w = rgb.shape[:2]
+            no_mask_fakes += int(int(row["label"]) == 1 and not has_mask)
+            if T is not None:
+                T.add(resize_image(rgb, M), resize_mask(mask, M), image_id=iid, label=int(row["label"]),
+                      has_mask=has_mask, split=row["split"], orig_hw=(h, w))
+            if L is None:
+                continue
+            group = by_image.get(iid)
+            if group is None:
+                ledger.add(iid, _image_path(row), "lfdl: no crop row for this image in the crops parquet "
+                           "(see the crops ledger)")
+                continue
+            for c in group.to_dict("records"):
+                raw = [_float_or_nan(c[k]) for k in ("x0", "y0", "x1", "y1")]
+                box = [0, 0, 0, 0] if any(math.isnan(v) for v in raw) else [int(v) for v in raw]
+                x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])
+                if x1 <= x0 or y1 <= y0:
+                    ledger.add(iid, _image_path(row), f"lfdl: crop face_idx {c['face_idx']} box "
+                               f"({c['x0']}, {c['y0']}, {c['x1']}, {c['y1']}) is empty inside the {w}x{h} image")
+                    continue
+                ref = tuple(_float_or_nan(c.get(r)) for r in REF_COLUMNS)
+                L.add(resize_image(rgb[y0:y1, x0:x1], S), resize_mask(mask[y0:y1, x0:x1], S), image_id=iid,
+                      face_idx=int(c["face_idx"]), crop_box=(x0, y0, x1, y1), has_mask=has_mask,
+                      label=int(row["label"]), ref_box=box_to_crop_coords(ref, (x0, y0, x1, y1), S),
+                      split=row["split"], orig_hw=(h, w), crop_kind=c.get("kind", ""))
+            del rgb, mask, sample
+        if no_mask_fakes:
+            log.info("%d fake image(s) without a ground-truth mask kept with has_mask=False", no_mask_fakes)
+        meta = {"format": FORMAT_VERSION, "mode": mode}
+        done = {}
+        if L is not None:
+            done["lfdl"] = L.finish(LFDL_COLUMNS, {**meta, "kind": "lfdl", "size": S, "normalisation": "(rgb-0.5)/0.5"})
+        if T is not None:
+            done["mitl"] = T.finish(MITL_COLUMNS, {**meta, "kind": "mitl", "size": M, "low_band": low_band,
+                                                   "normalisation": "imagenet"})
+        return done
+    finally:
+        for o in outs:
+            o.w.cleanup()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -421,20 +541,13 @@ def run(args: argparse.Namespace) -> int:
         crops = _read_parquet(args.crops, "crops parquet")
         _check_columns(crops, CROP_COLUMNS, "crops parquet", args.crops)
     ledger = Ledger("features")
-    lfdl, mitl = build_features(
-        manifest, crops, lfdl_size=args.lfdl_size if args.out_lfdl else None,
-        mitl_size=args.mitl_size if args.out_mitl else None, mode=args.mode, low_band=args.low_band,
-        ledger=ledger, batch_size=args.batch_size, device=args.device)
-    meta = {"format": FORMAT_VERSION, "mode": args.mode}
-    if lfdl is not None:
-        write_feature_shard(args.out_lfdl, lfdl, {**meta, "kind": "lfdl", "size": args.lfdl_size,
-                                                   "n": len(lfdl["image_id"]), "normalisation": "(rgb-0.5)/0.5"})
-        log.info("LFDL: %d crop(s) of %d image(s) -> %s", len(lfdl["image_id"]), len(manifest), args.out_lfdl)
-    if mitl is not None:
-        write_feature_shard(args.out_mitl, mitl, {**meta, "kind": "mitl", "size": args.mitl_size,
-                                                   "low_band": args.low_band, "n": len(mitl["image_id"]),
-                                                   "normalisation": "imagenet"})
-        log.info("MITL: %d of %d image(s) -> %s", len(mitl["image_id"]), len(manifest), args.out_mitl)
+    done = write_features(manifest, crops, out_lfdl=args.out_lfdl, out_mitl=args.out_mitl,
+                          lfdl_size=args.lfdl_size, mitl_size=args.mitl_size, mode=args.mode,
+                          low_band=args.low_band, ledger=ledger, batch_size=args.batch_size, device=args.device)
+    if "lfdl" in done:
+        log.info("LFDL: %d crop(s) of %d image(s) -> %s", done["lfdl"], len(manifest), args.out_lfdl)
+    if "mitl" in done:
+        log.info("MITL: %d of %d image(s) -> %s", done["mitl"], len(manifest), args.out_mitl)
     ledger.write(args.ledger)
     if len(ledger):
         log.warning("%d input(s) could not be used; see %s", len(ledger), args.ledger)

@@ -378,7 +378,7 @@ def group_codes(groups) -> np.ndarray:
 
 
 def bootstrap_ci(records, groups, statistic: Callable, n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95):
+                 confidence: float = 0.95, codes=None):
     """Percentile bootstrap interval of ``statistic`` over images resampled by group.
 
     Each resample draws as many groups as there are, with replacement; every image of a drawn group enters
@@ -386,13 +386,14 @@ def bootstrap_ci(records, groups, statistic: Callable, n_resamples: int = 1000, 
     (how many times each image is in the resample) and returns a float or a 1-D array (several statistics on
     the same resamples). Resamples where a statistic is NaN/None (e.g. AUC of a one-class resample) are left
     out of that statistic's interval. Returns ``(lo, hi)`` (floats, or arrays for an array statistic; NaN where
-    no resample gave a value). Deterministic for a given ``seed``.
+    no resample gave a value). Deterministic for a given ``seed``. ``codes``: the images' :func:`group_codes`
+    when the caller has them (``groups`` is then ignored), e.g. computed without holding every group name.
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    codes = group_codes(groups)
+    codes = group_codes(groups) if codes is None else np.asarray(codes, dtype=np.int64)
     n_groups = int(codes.max()) + 1 if codes.size else 0
     if n_groups == 0:
         return math.nan, math.nan

@@ -200,7 +200,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
                   score_rule: str = "top_percent", score_percent: float = 1.0,
                   device: torch.device | str = "cpu", progress: bool = False) -> dict:
     """Predict every image of a manifest shard that has feature entries. Returns counts."""
-    from .features import load_feature_shard
+    from .features import open_feature_shard
 
     if model_name not in PRECOMPUTED:
         raise UserError(f"unknown model {model_name!r}: expected lfdl or mitl")
@@ -221,7 +221,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
     missing = [c for c in ("image_id",) if c not in man.columns]
     if missing:
         raise UserError(f"{manifest}: manifest shard lacks column(s) {', '.join(missing)}")
-    arrays = load_feature_shard(features)
+    arrays = open_feature_shard(features)  # pixels read per batch, not the whole shard
     for k in ("image_id", "rgb"):
         if k not in arrays:
             raise UserError(f"{features}: feature shard lacks '{k}'")

@@ -7,6 +7,12 @@ the name of the folder holding its file. Pixel counts are stored per image, so t
 --images, --iou, --empty) are applied HERE and may differ from those used when evaluating; the mask threshold is
 fixed by the counts and read from them.
 
+Memory: the count files are read one at a time, only the columns used; of each valid row only what the exact AUC,
+the bootstrap and the breakdowns need is kept (score, label, identity / method / source codes, the four pixel
+counts, F1 for the panels and a 64-bit key of the image id for joins: ~45 bytes), so 1.5 M images × 6 variants
+stay under 1.5 GB (BENCHMARKS.md). Identities are coded as their sorted names, which keeps the bootstrap's
+resamples those of a table computed from the whole frames.
+
 Rows, in this order when present: lfdl, mitl, lfdl_score_mitl_mask, naive_or, mdmf, closing_or, then any other
 variant. ``lfdl_score_mitl_mask`` is the ``mitl`` rows (MITL mask counts) with each image's score replaced by the
 score of its ``lfdl`` row (joined on image_id; an image without a valid lfdl row is left out and counted), unless
@@ -34,10 +40,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .evaluate import _clean, _fmt, _json_default, add_convention_arguments, summarize_frame
+from .evaluate import _clean, _fmt, _json_default, add_convention_arguments
 from .imageio import BadImageError, read_image, write_csv, write_text_atomic
 from .ledger import read_ledgers
-from .metrics import Convention, bootstrap_ci, table_statistic
+from .metrics import Convention, summarize
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,10 @@ REQUIRED = ("image_id", "label", "score", "TP", "FP", "FN", "TN")
 
 
 # ------------------------------------------------------------------------------------------------- loading
+# Read per file; nothing else of a file is kept than these per-image columns of its valid rows.
+OPTIONAL = ("ok", "variant", "group", "method", "source", "threshold", "f1")
+
+
 def find_count_files(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
@@ -78,53 +88,179 @@ def find_count_files(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def load_counts(paths: list[Path]) -> dict[str, pd.DataFrame]:
-    """``variant -> per-image frame`` from evaluate's per-image files."""
-    frames: dict[str, list[pd.DataFrame]] = {}
+def id_keys(ids) -> np.ndarray:
+    """64-bit keys of image ids (pandas' SipHash): joins and duplicate checks without holding the strings."""
+    return pd.util.hash_pandas_object(pd.Series(ids, dtype=object).astype(str), index=False).to_numpy(np.uint64)
+
+
+class Names:
+    """Strings (groups, methods, sources) as integer codes in order of first appearance; :meth:`sorted_codes`
+    maps them to the codes of the sorted names (what ``np.unique`` of the strings would give)."""
+
+    def __init__(self):
+        self.index: dict[str, int] = {}
+
+    def codes(self, values) -> np.ndarray:
+        codes, uniques = pd.factorize(pd.Series(values, dtype=object).astype(str), sort=False)
+        table = np.array([self.index.setdefault(u, len(self.index)) for u in uniques], dtype=np.int32)
+        return table[codes] if len(table) else np.zeros(len(codes), np.int32)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def rank(self) -> np.ndarray:
+        """``rank[code]``: the position of the code's name among all names sorted."""
+        order = sorted(range(len(self.index)), key=self.names.__getitem__)
+        rank = np.empty(len(order), np.int32)
+        rank[order] = np.arange(len(order), dtype=np.int32)
+        return rank
+
+
+class Column:
+    """A growable 1-D array: appends go into one block that grows by half when full (large blocks come from and
+    go back to the OS, where thousands of per-file pieces would fragment the heap and keep RSS)."""
+
+    def __init__(self):
+        self.data: np.ndarray | None = None
+        self.n = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        if self.data is None:
+            self.data = np.empty(max(1 << 16, len(values)), values.dtype)
+        dtype = np.result_type(self.data.dtype, values.dtype)
+        need = self.n + len(values)
+        if need > len(self.data) or dtype != self.data.dtype:
+            grown = np.empty(max(need, int(len(self.data) * 1.5)), dtype)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        self.data[self.n:need] = values
+        self.n = need
+
+    def array(self) -> np.ndarray:
+        return np.zeros(0) if self.data is None else self.data[:self.n].copy()
+
+
+class VariantRows:
+    """The valid (``ok``) rows of one variant as compact columns (about 45 bytes per image), plus how many rows
+    there were and how many were left out; what the metrics, the bootstrap and the breakdowns need."""
+
+    COLUMNS = ("key", "label", "score", "group", "method", "source", "TP", "FP", "FN", "TN", "f1")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.n_rows = 0
+        self.n_errors = 0
+        self.files: list[Path] = []
+        self._parts: dict[str, Column] = {c: Column() for c in self.COLUMNS}
+        self.cols: dict[str, np.ndarray] = {}
+
+    def add(self, f: Path, df: pd.DataFrame, ok: np.ndarray, names: dict[str, Names]) -> None:
+        self.n_rows += len(df)
+        self.n_errors += int(len(df) - ok.sum())
+        self.files.append(f)
+        d = df[ok]
+        p = self._parts
+        p["key"].append(id_keys(d["image_id"]))
+        p["label"].append(d["label"].to_numpy(np.int8))
+        p["score"].append(d["score"].to_numpy(np.float64))
+        p["group"].append(names["group"].codes(d["group"] if "group" in d else d["image_id"]))
+        for c in ("method", "source"):
+            p[c].append(names[c].codes(d[c] if c in d else np.full(len(d), "", object)).astype(np.int16))
+        for c in ("TP", "FP", "FN", "TN"):
+            v = d[c].to_numpy(np.int64)
+            p[c].append(v.astype(np.int32) if not len(v) or v.max() < 2**31 else v)
+        p["f1"].append(d["f1"].to_numpy(np.float32) if "f1" in d else np.full(len(d), np.nan, np.float32))
+
+    def finish(self, group_rank: np.ndarray) -> None:
+        for c in list(self._parts):
+            self.cols[c] = self._parts.pop(c).array()
+        self.cols["group"] = group_rank[self.cols["group"]] if len(self.cols["group"]) else self.cols["group"]
+
+    def __getattr__(self, item):
+        cols = self.__dict__.get("cols", {})
+        if item in cols:
+            return cols[item]
+        raise AttributeError(item)
+
+    def __len__(self) -> int:
+        return len(self.cols["key"])
+
+    def subset(self, name: str, sel: np.ndarray, **replace) -> "VariantRows":
+        out = VariantRows(name)
+        out.n_rows, out.files, out._parts = self.n_rows, self.files, {}
+        out.method_names, out.source_names = self.method_names, self.source_names
+        out.n_errors = self.n_errors + int(len(sel) - sel.sum())
+        out.cols = {c: (replace[c] if c in replace else v)[sel] for c, v in self.cols.items()}
+        return out
+
+    def summary(self, conv: Convention, score_threshold: float, sel: np.ndarray | None = None) -> dict:
+        c = self.cols if sel is None else {k: v[sel] for k, v in self.cols.items()}
+        m = summarize(c["label"], c["score"], c["TP"], c["FP"], c["FN"], c["TN"], conv, score_threshold)
+        m["n_errors"] = self.n_errors if sel is None else 0
+        return m
+
+    def image_id_of(self, key: int) -> str:
+        """Find an image id by its key again (for messages): rescans this variant's files."""
+        for f in self.files:
+            ids = pd.read_parquet(f, columns=["image_id"])["image_id"].astype(str)
+            hit = ids[id_keys(ids) == np.uint64(key)]
+            if len(hit):
+                return str(hit.iloc[0])
+        return f"<key {key}>"
+
+
+def load_counts(paths: list[Path]) -> tuple[dict[str, VariantRows], list[float]]:
+    """``variant -> VariantRows`` from evaluate's per-image files, read one file at a time (only the columns
+    used), and the mask thresholds found."""
+    import pyarrow.parquet as pq
+
+    names = {k: Names() for k in ("group", "method", "source")}
+    variants: dict[str, VariantRows] = {}
+    thresholds: set[float] = set()
     for f in find_count_files(paths):
         try:
-            df = pd.read_parquet(f)
+            have = set(pq.read_schema(f).names)
+            df = pd.read_parquet(f, columns=[c for c in REQUIRED + OPTIONAL if c in have])
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{f}: not a readable Parquet file ({e})") from None
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
             raise UserError(f"{f}: missing column(s) {', '.join(missing)}; is it a `morphfuse evaluate` output?")
-        if "ok" not in df.columns:
-            df["ok"] = df[["score", "TP", "FP", "FN", "TN"]].notna().all(axis=1)
+        if "threshold" in df.columns:
+            thresholds.update(float(t) for t in df["threshold"].dropna().unique())
+        ok = (df["ok"].astype(bool) if "ok" in df.columns
+              else df[["score", "TP", "FP", "FN", "TN"]].notna().all(axis=1)).to_numpy(bool)
         variant = df["variant"].astype(str) if "variant" in df.columns else pd.Series("", index=df.index)
-        df["variant"] = variant.where(variant.str.len() > 0, f.parent.name)
-        for v, part in df.groupby("variant", sort=False):
-            frames.setdefault(str(v), []).append(part)
-    out = {}
-    for v, parts in frames.items():
-        df = pd.concat(parts, ignore_index=True)
-        for c in ("group", "method", "source", "error"):
-            if c not in df.columns:
-                df[c] = df["image_id"] if c == "group" else ""
-            df[c] = df[c].astype(str)
-        df["ok"] = df["ok"].astype(bool)
-        dup = df.loc[df["ok"], "image_id"].duplicated()
-        if dup.any():
-            ex = df.loc[df["ok"], "image_id"][dup].iloc[0]
-            raise UserError(f"variant {v}: image {ex!r} (and {int(dup.sum()) - 1} more) is in several count files; "
-                            "each image must be evaluated once per variant")
-        out[v] = df
-    return out
+        variant = variant.where(variant.str.len() > 0, f.parent.name).to_numpy()
+        for v in pd.unique(variant):
+            rows = variant == v
+            variants.setdefault(str(v), VariantRows(str(v))).add(f, df[rows], ok[rows], names)
+        del df
+    rank = names["group"].rank()
+    for v in variants.values():
+        v.finish(rank)
+        v.method_names, v.source_names = names["method"].names, names["source"].names
+        keys = np.sort(v.key)
+        dup = keys[1:][keys[1:] == keys[:-1]]
+        if dup.size:
+            raise UserError(f"variant {v.name}: image {v.image_id_of(int(dup[0]))!r} (and {len(np.unique(dup)) - 1} "
+                            "more) is in several count files; each image must be evaluated once per variant")
+    return variants, sorted(thresholds)
 
 
-def add_swapped_variant(frames: dict[str, pd.DataFrame]) -> str | None:
+def add_swapped_variant(frames: dict[str, VariantRows]) -> str | None:
     """Add ``lfdl_score_mitl_mask`` (mitl counts, lfdl scores) if absent and both sources are present."""
     if SWAPPED in frames or "lfdl" not in frames or "mitl" not in frames:
         return None
-    mitl = frames["mitl"].drop(columns=["score"])
-    lfdl = frames["lfdl"][["image_id", "score", "ok"]].rename(columns={"ok": "_lfdl_ok"})
-    lfdl = lfdl[lfdl["_lfdl_ok"]].drop_duplicates("image_id")
-    df = mitl.merge(lfdl, on="image_id", how="left")
-    no_lfdl = df["_lfdl_ok"].isna()
-    df["ok"] = df["ok"] & ~no_lfdl
-    df.loc[no_lfdl, "error"] = (df.loc[no_lfdl, "error"] + "; no valid lfdl row for its score").str.strip("; ")
-    df["variant"] = SWAPPED
-    frames[SWAPPED] = df.drop(columns=["_lfdl_ok"])
+    lf, mi = frames["lfdl"], frames["mitl"]
+    order = np.argsort(lf.key, kind="stable")
+    lk = lf.key[order]
+    pos = np.clip(np.searchsorted(lk, mi.key), 0, max(len(lk) - 1, 0))
+    found = (lk[pos] == mi.key) if len(lk) else np.zeros(len(mi), bool)
+    score = np.where(found, lf.score[order][pos] if len(lk) else 0.0, np.nan)
+    frames[SWAPPED] = mi.subset(SWAPPED, found, score=score)
     return f"{SWAPPED}: the mitl rows (MITL mask counts) with each image's lfdl score"
 
 
@@ -133,49 +269,108 @@ def ordered_variants(frames) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-def _arrays(ok: pd.DataFrame):
-    return (ok["label"].to_numpy(np.int64), ok["score"].to_numpy(np.float64),
-            *(ok[c].to_numpy(np.int64) for c in ("TP", "FP", "FN", "TN")))
-
-
-def variant_row(name: str, df: pd.DataFrame, conv: Convention, score_threshold: float, n_boot: int, seed: int,
+def variant_row(name: str, v: VariantRows, conv: Convention, score_threshold: float, n_boot: int, seed: int,
                 confidence: float) -> dict:
-    m = summarize_frame(df, conv, score_threshold)
+    m = v.summary(conv, score_threshold)
     row = {"variant": name}
     for k in METRIC_KEYS:
         row[k] = m[k]
         row[f"{k}_lo"] = row[f"{k}_hi"] = None
-    ok = df[df["ok"]]
-    if n_boot > 0 and len(ok):
-        stat = table_statistic(*_arrays(ok), conv)
-        lo, hi = bootstrap_ci(None, ok["group"].to_numpy(), stat, n_resamples=n_boot, seed=seed,
-                              confidence=confidence)
+    codes = np.unique(v.group, return_inverse=True)[1].ravel() if len(v) else np.zeros(0, np.int64)
+    if n_boot > 0 and len(v):
+        lo, hi = grouped_bootstrap(v.label, v.score, v.TP, v.FP, v.FN, v.TN, codes, conv, n_boot, seed, confidence)
         for i, k in enumerate(METRIC_KEYS):
             if m[k] is not None and not math.isnan(lo[i]):
                 row[f"{k}_lo"], row[f"{k}_hi"] = float(lo[i]), float(hi[i])
     row.update({"ap": m["ap"], "eer": m["eer"], "accuracy": m["accuracy"], **m["counts"],
                 "n_images": m["n_images"], "n_real": m["n_real"], "n_fake": m["n_fake"],
-                "n_groups": int(ok["group"].nunique()), "n_pixel_images": m["n_pixel_images"],
+                "n_groups": int(codes.max()) + 1 if codes.size else 0, "n_pixel_images": m["n_pixel_images"],
                 "n_skipped_empty": m["n_skipped_empty"], "n_errors": m["n_errors"],
                 "note": "; ".join(m[k] for k in ("auc_reason", "localization_reason") if m.get(k))})
     return row
+
+
+def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n_resamples: int, seed: int,
+                      confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """``metrics.bootstrap_ci(None, groups, metrics.table_statistic(...))`` — the same resamples (the same draws
+    of the same generator), the same statistics [AUC, F1, IoU, Final] up to float summation order — computed from
+    per-group sums: an image's bootstrap weight is its group's multiplicity, so every weighted sum is a sum over
+    groups, and the AUC's per-score weights are a sparse (scores × groups) count matrix times the multiplicities.
+    A resample then costs one gather and one bincount per class instead of several dense passes over all images."""
+    from .metrics import f1_from_counts, iou_from_counts, pixel_image_mask
+
+    labels = np.asarray(labels).astype(np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    G = int(codes.max()) + 1
+    uniq, inv = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    inv = inv.ravel()
+    pos = labels == 1
+
+    def pairs(m):
+        """The (score value, group) pairs of the images in ``m``, with their counts: the non-zeros of a sparse
+        (scores × groups) matrix, so that its product with the multiplicities is one gather and one bincount."""
+        key = np.unique(inv[m] * G + codes[m], return_counts=True)
+        return key[0] // G, key[0] % G, key[1].astype(np.float64)
+
+    (p_val, p_grp, p_cnt), (n_val, n_grp, n_cnt) = pairs(pos), pairs(~pos)
+    sel = pixel_image_mask(labels, conv.images)
+    cs = codes[sel]
+    c = [np.asarray(x, dtype=np.float64)[sel] for x in (tp, fp, fn, tn)]
+    pooled = conv.averaging == "pooled"
+    if pooled:
+        sums = [np.bincount(cs, weights=x, minlength=G) for x in c]
+        n_sel = np.bincount(cs, minlength=G).astype(np.float64)
+    else:
+        f1s = f1_from_counts(c[0], c[1], c[2], empty=conv.empty)
+        ious = iou_from_counts(*c, iou=conv.iou, empty=conv.empty)
+        f1_ok, iou_ok = ~np.isnan(f1s), ~np.isnan(ious)
+        f1_sum = np.bincount(cs[f1_ok], weights=f1s[f1_ok], minlength=G)
+        f1_n = np.bincount(cs[f1_ok], minlength=G).astype(np.float64)
+        iou_sum = np.bincount(cs[iou_ok], weights=ious[iou_ok], minlength=G)
+        iou_n = np.bincount(cs[iou_ok], minlength=G).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    values = np.empty((n_resamples, 4))
+    for r in range(n_resamples):
+        mult = np.bincount(rng.integers(0, G, size=G), minlength=G).astype(np.float64)
+        posw = np.bincount(p_val, weights=p_cnt * mult[p_grp], minlength=uniq.size)
+        negw = np.bincount(n_val, weights=n_cnt * mult[n_grp], minlength=uniq.size)
+        P, N = posw.sum(), negw.sum()
+        auc = math.nan if P <= 0 or N <= 0 else float(np.dot(posw, np.cumsum(negw) - 0.5 * negw) / (P * N))
+        if pooled:
+            s = [float(np.dot(mult, x)) for x in sums]
+            ok = float(np.dot(mult, n_sel)) > 0
+            f1 = float(f1_from_counts(s[0], s[1], s[2], empty=conv.empty)) if ok else math.nan
+            iou = float(iou_from_counts(*s, iou=conv.iou, empty=conv.empty)) if ok else math.nan
+        else:
+            wf, wi = float(np.dot(mult, f1_n)), float(np.dot(mult, iou_n))
+            f1 = float(np.dot(mult, f1_sum) / wf) if wf > 0 else math.nan
+            iou = float(np.dot(mult, iou_sum) / wi) if wi > 0 else math.nan
+        values[r] = (auc, f1, iou, (auc + f1 + iou) / 3.0)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.full(4, np.nan), np.full(4, np.nan)
+    for j in range(4):
+        col = values[:, j][~np.isnan(values[:, j])]
+        if col.size:
+            lo[j], hi[j] = np.quantile(col, [alpha, 1.0 - alpha])
+    return lo, hi
 
 
 def breakdown(frames, by: str, conv: Convention, score_threshold: float) -> pd.DataFrame:
     """Per variant and value of ``by`` (method or source). For ``method``: all real images + the fakes of that
     method (detection needs both classes); for ``source``: the images of that source."""
     rows = []
-    for v in ordered_variants(frames):
-        df = frames[v]
-        ok = df[df["ok"]]
+    for name in ordered_variants(frames):
+        v = frames[name]
+        codes = getattr(v, by)
+        labels = v.method_names if by == "method" else v.source_names
         if by == "method":
-            values = sorted(ok.loc[ok["label"] == 1, "method"].unique())
-            subsets = [(x, ok[(ok["label"] == 0) | (ok["method"] == x)]) for x in values]
+            present = np.unique(codes[v.label == 1])
+            subsets = [(labels[c], (v.label == 0) | (codes == c)) for c in present]
         else:
-            subsets = [(x, ok[ok["source"] == x]) for x in sorted(ok["source"].unique())]
-        for x, sub in subsets:
-            m = summarize_frame(sub, conv, score_threshold)
-            rows.append({"variant": v, by: x, "auc": m["auc"], "f1": m["f1"], "iou": m["iou"], "final": m["final"],
+            subsets = [(labels[c], codes == c) for c in np.unique(codes)]
+        for x, sel in sorted(subsets, key=lambda t: t[0]):
+            m = v.summary(conv, score_threshold, sel)
+            rows.append({"variant": name, by: x, "auc": m["auc"], "f1": m["f1"], "iou": m["iou"], "final": m["final"],
                          "ap": m["ap"], "eer": m["eer"], "accuracy": m["accuracy"], **m["counts"],
                          "n_real": m["n_real"], "n_fake": m["n_fake"], "note": m.get("auc_reason", "")})
     return pd.DataFrame(rows)
@@ -238,17 +433,18 @@ def frame_markdown(df: pd.DataFrame, title: str, first: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------- figures
 def distinct_score_sets(frames) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One ``(labels, scores)`` per distinct score set; variants sharing one are named together (a = b)."""
-    sets: list[tuple[list[str], pd.Series, np.ndarray, np.ndarray]] = []
-    for v in ordered_variants(frames):
-        ok = frames[v][frames[v]["ok"]].sort_values("image_id")
-        key = pd.Series(ok["score"].to_numpy(), index=ok["image_id"].to_numpy())
-        for names, k, _, _ in sets:
-            if k.index.equals(key.index) and np.array_equal(k.to_numpy(), key.to_numpy()):
-                names.append(v)
+    sets: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] = []
+    for name in ordered_variants(frames):
+        v = frames[name]
+        order = np.argsort(v.key, kind="stable")
+        key, score = v.key[order], v.score[order]
+        for names, k, sc, _ in sets:
+            if np.array_equal(k, key) and np.array_equal(sc, score):
+                names.append(name)
                 break
         else:
-            sets.append(([v], key, ok["label"].to_numpy(), ok["score"].to_numpy()))
-    return {" = ".join(n): (lab, sc) for n, _, lab, sc in sets}
+            sets.append(([name], key, score, v.label[order]))
+    return {" = ".join(n): (lab, sc) for n, _, sc, lab in sets}
 
 
 def find_mask(roots: list[Path], image_id: str) -> Path | None:
@@ -267,16 +463,28 @@ def make_panels(frames, fused_variant: str, manifests: list[Path], lfdl_roots, m
     from .fusion import binarize, read_gt, read_u8  # noqa: PLC0415
     from .plots import PanelRow, qualitative_panel  # noqa: PLC0415
 
-    man = pd.concat([pd.read_parquet(m) for m in manifests], ignore_index=True)
+    fv = frames[fused_variant]
+    fake_keys = np.unique(fv.key[fv.label == 1])
+    parts = []
+    for m in manifests:  # only the manifest rows of the variant's valid fakes are kept
+        part = pd.read_parquet(m)
+        parts.append(part[np.isin(id_keys(part["image_id"]), fake_keys)])
+    man = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["image_id"])
+    man["image_id"] = man["image_id"].astype(str)
     man = man.drop_duplicates("image_id").set_index("image_id")
-    df = frames[fused_variant]
-    cand = sorted(set(df.loc[df["ok"] & (df["label"] == 1), "image_id"]) & set(man.index))
+    cand = sorted(man.index)
     if not cand:
         log.warning("no fake image of %s found in the manifest: no qualitative panel", fused_variant)
         return 0
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(cand), size=min(n, len(cand)), replace=False))
-    f1 = {v: frames[v].set_index("image_id")["f1"] for v in ("lfdl", "mitl", fused_variant) if v in frames}
+    chosen_keys = id_keys([cand[i] for i in chosen])
+    f1 = {}
+    for v in ("lfdl", "mitl", fused_variant):
+        if v in frames:
+            hit = np.isin(frames[v].key, chosen_keys)
+            at = {int(k): float(x) for k, x in zip(frames[v].key[hit], frames[v].f1[hit])}
+            f1[v] = {cand[i]: at.get(int(k)) for i, k in zip(chosen, chosen_keys)}
 
     def load(fn, p):
         if p is None:
@@ -296,7 +504,7 @@ def make_panels(frames, fused_variant: str, manifests: list[Path], lfdl_roots, m
         lf_u8, mi_u8, fu_u8 = load(read_u8, lf), load(read_u8, mi), load(read_u8, fu)
         notes = {}
         for col, v in (("LFDL", "lfdl"), ("MITL", "mitl"), ("fused", fused_variant)):
-            val = f1.get(v, pd.Series(dtype=float)).get(image_id)
+            val = f1.get(v, {}).get(image_id)
             if val is not None and not (isinstance(val, float) and math.isnan(val)):
                 notes[col] = f"F1 {val:.3f}"
         rows.append(PanelRow(
@@ -339,9 +547,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    frames = load_counts(args.counts)
-    thresholds = sorted({float(t) for df in frames.values() if "threshold" in df.columns
-                         for t in df["threshold"].dropna().unique()})
+    frames, thresholds = load_counts(args.counts)
     if len(thresholds) > 1:
         raise UserError(f"the count files were made with different mask thresholds {thresholds}; evaluate every "
                         "variant with the same --threshold")
@@ -358,7 +564,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     notes = [n for n in [add_swapped_variant(frames)] if n]
     variants = ordered_variants(frames)
-    log.info("variants: %s", ", ".join(f"{v} ({len(frames[v])} rows)" for v in variants))
+    log.info("variants: %s", ", ".join(f"{v} ({frames[v].n_rows} rows)" for v in variants))
     table = pd.DataFrame([variant_row(v, frames[v], conv, args.score_threshold, args.bootstrap, args.seed,
                                       args.confidence) for v in variants])
     out = args.out
@@ -378,8 +584,7 @@ def run(args: argparse.Namespace) -> int:
                                                                      ["variant", by]))
         result[f"breakdown_{by}"] = bd.to_dict("records")
     # errors: rows left out per variant, and ledger lines per stage
-    err = pd.DataFrame([{"variant": v, "rows": len(frames[v]), "left_out": int((~frames[v]["ok"]).sum())}
-                        for v in variants])
+    err = pd.DataFrame([{"variant": v, "rows": frames[v].n_rows, "left_out": frames[v].n_errors} for v in variants])
     write_csv(out / "errors.csv", err)
     md = ["# Errors", "", "Images left out of each variant's metrics (an error in one of its inputs):", ""]
     md += _md_table(["variant", "rows", "left out"], [[r.variant, str(r.rows), str(r.left_out)]

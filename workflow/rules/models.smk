@@ -1,4 +1,5 @@
 # features -> train_lfdl / train_mitl [GPU] -> predict per evaluated shard (scores + full-size probability masks)
+from morphfuse.training.resources import train_mem_mb_from_config
 
 
 def _launcher(model):
@@ -45,6 +46,8 @@ for _model in ("lfdl", "mitl"):
         threads: config[_model]["threads"]
         resources:
             gpu=config[_model]["gpus"],
+            # from batch size, workers and processes, not from the data (training streams it)
+            mem_mb=train_mem_mb_from_config(config, _model),
         conda:
             CONDA_ENV
         log:

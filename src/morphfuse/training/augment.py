@@ -26,6 +26,7 @@ import math
 
 import cv2
 import numpy as np
+import torch
 
 _BORDER = cv2.BORDER_CONSTANT  # the LFDL release pads with zeros (image and mask alike)
 
@@ -33,6 +34,8 @@ _BORDER = cv2.BORDER_CONSTANT  # the LFDL release pads with zeros (image and mas
 # ------------------------------------------------------------------------------------------------- helpers
 def binarize_mask(mask: np.ndarray) -> np.ndarray:
     """0/255 uint8 from any mask: ``> 127.5`` is manipulated."""
+    if mask.dtype == np.uint8:  # cv2's threshold: the same 0/255 (> 127 for integers), 10x faster than np.where
+        return cv2.threshold(np.ascontiguousarray(mask), 127, 255, cv2.THRESH_BINARY)[1]
     return np.where(mask > 127.5, np.uint8(255), np.uint8(0))
 
 
@@ -78,6 +81,9 @@ def flip(img: np.ndarray, mask: np.ndarray, box=None, code: int = 1):
     return img, mask, box
 
 
+_ROTATE = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+
+
 def rot90(img: np.ndarray, mask: np.ndarray, box=None, k: int = 1):
     """Rotate by ``k`` quarter turns counter-clockwise (``np.rot90``). Non-square inputs only turn by 180° so
     that the output keeps the input's size."""
@@ -87,8 +93,8 @@ def rot90(img: np.ndarray, mask: np.ndarray, box=None, k: int = 1):
         k = 2
     if k == 0:
         return img, mask, box
-    img = np.ascontiguousarray(np.rot90(img, k, axes=(0, 1)))
-    mask = np.ascontiguousarray(np.rot90(mask, k, axes=(0, 1)))
+    code = _ROTATE[k]  # cv2.rotate: np.rot90's pixels, without the strided copy
+    img, mask = cv2.rotate(np.ascontiguousarray(img), code), cv2.rotate(np.ascontiguousarray(mask), code)
     if _box_valid(box):
         pts = _corners(box)
         ww, hh = w, h
@@ -175,16 +181,32 @@ def gaussian_blur(img: np.ndarray, ksize: int) -> np.ndarray:
     return cv2.GaussianBlur(img, (ksize, ksize), 0)
 
 
+def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Apply a uint8 look-up table (256 entries, or 256×C: one per channel) to a uint8 image."""
+    table = np.ascontiguousarray(table, dtype=np.uint8)
+    if table.ndim == 2:
+        table = table.reshape(1, 256, table.shape[1])
+    return cv2.LUT(np.ascontiguousarray(img), table)
+
+
 def gaussian_noise(img: np.ndarray, rng: np.random.Generator, var_limit=(10.0, 50.0)) -> np.ndarray:
+    """Add N(0, var) noise, var ~ U(var_limit), then clip to [0, 255] and truncate to uint8 (albumentations'
+    GaussNoise). The standard normals come from a torch generator seeded by ``rng`` (float32, ~4x faster than
+    numpy's float64 normals; the same distribution, still a function of ``rng`` alone)."""
     std = math.sqrt(rng.uniform(*var_limit))
-    noise = rng.normal(0.0, std, size=img.shape)
-    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+    noise = torch.randn(img.shape, generator=gen, dtype=torch.float32).numpy()
+    noise *= np.float32(std)
+    noise += img
+    np.clip(noise, 0, 255, out=noise)
+    return noise.astype(np.uint8)
 
 
 def brightness_contrast(img: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
-    """``img·(1+contrast) + brightness·255`` (albumentations' rule with brightness_by_max)."""
-    out = img.astype(np.float32) * (1.0 + contrast) + brightness * 255.0
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """``img·(1+contrast) + brightness·255`` (albumentations' rule with brightness_by_max), rounded and clipped;
+    a function of the pixel value alone, so applied as a look-up table (the same float32 arithmetic per value)."""
+    values = np.arange(256, dtype=np.float32) * (1.0 + contrast) + brightness * 255.0
+    return _lut(img, np.clip(np.rint(values), 0, 255))
 
 
 def hue_saturation_value(img: np.ndarray, dh: float, ds: float, dv: float) -> np.ndarray:
@@ -196,15 +218,27 @@ def hue_saturation_value(img: np.ndarray, dh: float, ds: float, dv: float) -> np
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
 
 
+def colour_covariance(img: np.ndarray) -> np.ndarray:
+    """The 3×3 covariance of the pixel colours in [0, 1] (``np.cov`` of ``img/255``, ddof 1), from exact sums:
+    the products of uint8 values summed in float64 are integers far below 2**53, so the BLAS product is exact."""
+    x = img.reshape(-1, 3).astype(np.float64)
+    n = x.shape[0]
+    if n < 2:
+        return np.full((3, 3), np.nan)
+    s = np.asarray(cv2.sumElems(np.ascontiguousarray(img))[:3], np.float64)  # exact: double sums of integers
+    return (x.T @ x - np.outer(s, s) / n) / ((n - 1) * 255.0 * 255.0)
+
+
 def fancy_pca(img: np.ndarray, rng: np.random.Generator, alpha: float = 0.1) -> np.ndarray:
-    """AlexNet's PCA colour noise: add ``Σ_i α_i λ_i e_i`` (α_i ~ N(0, alpha)) of the pixel colour covariance."""
-    x = img.reshape(-1, 3).astype(np.float64) / 255.0
-    cov = np.cov(x - x.mean(axis=0), rowvar=False)
+    """AlexNet's PCA colour noise: add ``Σ_i α_i λ_i e_i`` (α_i ~ N(0, alpha)) of the pixel colour covariance.
+    The shift is one constant per channel, applied as a per-channel look-up table."""
+    cov = colour_covariance(img)
     if not np.all(np.isfinite(cov)):
         return img
     vals, vecs = np.linalg.eigh(cov)
     delta = vecs @ (rng.normal(0.0, alpha, 3) * vals)
-    return np.clip(np.rint(img.astype(np.float64) + delta * 255.0), 0, 255).astype(np.uint8)
+    table = np.clip(np.rint(np.arange(256, dtype=np.float64)[:, None] + delta[None, :] * 255.0), 0, 255)
+    return _lut(img, table)
 
 
 # ----------------------------------------------------------------- IMDL-BenCo's tampering augmentations (MITL)

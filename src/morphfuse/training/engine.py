@@ -47,7 +47,8 @@ from ..imageio import write_csv
 from .. import metrics
 from ..models import NON_MODEL_KEYS
 from . import checkpoint as ckpt
-from .data import FeatureDataset, batches_of, epoch_order, eval_batches, feature_paths, fingerprint, load_splits
+from .data import (BALANCE, EpochSamples, FeatureDataset, SplitRows, batches_of, epoch_order, eval_batches,
+                   feature_paths, finish_batch, open_shards)
 
 log = logging.getLogger("morphfuse.train")
 
@@ -83,6 +84,8 @@ class Settings:
     deterministic: bool | None    # None: on for CPU, off for CUDA
     find_unused_parameters: bool
     tensorboard: bool
+    balance: str                  # none | resample_real (the releases' class balance, per epoch)
+    max_steps: int | None         # stop after this many optimizer steps (model.pt marked unfinished)
     step_size: int = 5            # LFDL StepLR, in epochs (not a MITL key: a neutral value)
     gamma: float = 0.5
     mixup: float = 0.0            # LFDL: probability per micro-batch
@@ -137,6 +140,11 @@ class Settings:
             bad("min_lr", f"must not exceed lr = {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be auto, cpu or cuda")
+        if self.balance not in BALANCE:
+            bad("balance", f"must be one of {', '.join(BALANCE)}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
+                                           or self.max_steps < 1):
+            bad("max_steps", "must be an integer ≥ 1 or null (the whole schedule)")
 
 
 def model_options(model_name: str, cfg: dict) -> tuple[int, dict]:
@@ -411,6 +419,8 @@ def train(model_name: str, cfg: dict, features, out_dir, resume: str = "auto", m
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
     s = Settings.from_config(model_name, cfg)
+    if max_steps is None:
+        max_steps = s.max_steps  # the config's {model}.train.max_steps; --max-steps wins
     size, options = model_options(model_name, cfg)
     paths = feature_paths(features)
     factory = factory or ckpt.resolve_factory(None)
@@ -447,27 +457,34 @@ class _Run:
 
     # ----------------------------------------------------------------------------------------- setup
     def _data(self) -> None:
+        """Index the train and val rows of the shards (headers and per-row labels only; pixels are read per
+        sample by the loaders), the epoch's samples (balance) and the schedule's length."""
         s, ctx = self.s, self.ctx
-        splits = load_splits(self.paths, self.name, self.size, ("train", "val"), precomputed_for=("train", "val")
-                             if not s.augment else ("val",))
-        self.train_arrays, self.val_arrays = splits["train"], splits["val"]
-        n = len(self.train_arrays.get("image_id", ()))
+        pool = open_shards(self.paths, self.name, self.size)
+        train_rows = SplitRows(pool, self.name, "train", precomputed=not s.augment)
+        n = len(train_rows)
         if n == 0:
             raise UserError(f"no rows with split 'train' in {len(self.paths)} feature shard(s) "
                             f"({', '.join(str(p) for p in self.paths[:3])}{' ...' if len(self.paths) > 3 else ''})")
         self.n_train = n
-        self.train_ds = FeatureDataset(self.train_arrays, self.name, augment=s.augment, seed=s.seed)
-        self.val_ds = FeatureDataset(self.val_arrays, self.name, augment=False, seed=s.seed) if self.val_arrays else None
+        self.train_ds = FeatureDataset(train_rows, self.name, augment=s.augment, seed=s.seed)
+        val_rows = SplitRows(pool, self.name, "val", precomputed=True)
+        self.val_ds = FeatureDataset(val_rows, self.name, augment=False, seed=s.seed) if len(val_rows) else None
+        self.epochs = EpochSamples(train_rows.label, s.balance, s.seed)
         self.order, self.order_epoch = None, None
         self.n_batches = len(batches_of(self._order(0)[ctx.rank], s.batch_size))
         self.steps_per_epoch = math.ceil(self.n_batches / s.accumulate)
         self.total_steps = s.epochs * self.steps_per_epoch
-        self.data_fp = fingerprint(self.train_arrays)
+        self.data_fp = train_rows.fingerprint()
+        if ctx.main:
+            fakes = int(np.sum(train_rows.label == 1))
+            log.info("%s: %d train rows (%d fake, %d real), balance %s: %d samples per epoch", self.name, n, fakes,
+                     n - fakes, s.balance, self.epochs.length(0))
 
     def _order(self, epoch: int) -> np.ndarray:
         """All ranks' sample indices of ``epoch`` (cached for the current epoch; restored from a checkpoint)."""
         if self.order_epoch != epoch:
-            self.order = epoch_order(self.n_train, self.s.seed, epoch, self.ctx.world_size)
+            self.order = epoch_order(self.epochs.length(epoch), self.s.seed, epoch, self.ctx.world_size)
             self.order_epoch = epoch
         return self.order
 
@@ -595,8 +612,13 @@ class _Run:
             return {}
         self.raw.eval()
         loss_sum, count, parts_sum, scores, labels = 0.0, 0, {}, [], []
-        for b in eval_batches(len(self.val_ds), s.batch_size, ctx.world_size, ctx.rank):
-            batch = _to_device(default_collate([self.val_ds[(0, i)] for i in b]), ctx.device)
+        loader = DataLoader(self.val_ds, batch_sampler=eval_batches(len(self.val_ds), s.batch_size, ctx.world_size,
+                                                                    ctx.rank),
+                            num_workers=s.num_workers, collate_fn=default_collate,
+                            pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(s.seed))
+        for batch in loader:
+            b = batch["row"]
+            batch = finish_batch(_to_device(batch, ctx.device))
             with amp():
                 out = self.raw(batch)
                 loss, parts = self.raw.loss(out, batch)
@@ -700,7 +722,7 @@ class _Run:
         """Run the rest of the current epoch; True when ``--max-steps`` stopped it (after a checkpoint)."""
         s, ctx = self.s, self.ctx
         batches = batches_of(self._order(self.epoch)[ctx.rank], s.batch_size)
-        todo = [[(self.epoch, i) for i in b] for b in batches[self.mb_done:]]
+        todo = [self.epochs.keys(self.epoch, b) for b in batches[self.mb_done:]]
         loader = DataLoader(self.train_ds, batch_sampler=todo, num_workers=s.num_workers, collate_fn=default_collate,
                             pin_memory=ctx.device.type == "cuda",
                             generator=torch.Generator().manual_seed(s.seed))  # keeps the global RNG untouched
@@ -710,7 +732,7 @@ class _Run:
             group = min(s.accumulate, self.n_batches - self.mb_done)
             loss_sum, parts_sum, n_img = 0.0, {}, 0
             for j in range(group):
-                batch = _to_device(next(it), ctx.device)
+                batch = finish_batch(_to_device(next(it), ctx.device))
                 mb_index = self.mb_done + j
                 sync = contextlib.nullcontext() if (j == group - 1 or not ctx.initialized) else model.no_sync()
                 with sync:
