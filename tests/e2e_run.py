@@ -52,8 +52,12 @@ def make_odd_inputs(folder: Path, bad_inputs: dict[str, Path]) -> None:
     (gen / "mask").mkdir()
     good = bad_inputs["good"]
     w, h = Image.open(good).size
+    # The fakes are altered where their mask says (a byte-identical copy of a real photo labelled fake would be
+    # left out of the index as a contradiction).
+    fake = np.asarray(Image.open(good).convert("RGB")).copy()
+    fake[h // 4: h // 2, w // 4: w // 2] = fake[h // 4: h // 2, w // 4: w // 2][:, ::-1]
     for name in ("ok", "nomask", "badmask"):
-        shutil.copy(good, gen / "fake" / f"{name}.jpg")
+        Image.fromarray(fake).save(gen / "fake" / f"{name}.jpg", quality=95)
     mask = np.zeros((h, w), np.uint8)
     mask[h // 4: h // 2, w // 4: w // 2] = 255
     Image.fromarray(mask).save(gen / "mask" / "ok.png")
@@ -76,3 +80,10 @@ class Run:
     def __init__(self, work: Path, cfg: dict):
         self.work, self.cfg = work, cfg
         self.dir = work / cfg["results_dir"] / cfg["run_name"]
+
+    def copy(self, dst: Path) -> "Run":
+        """A private copy of the finished run for a test that reruns it. copy2 keeps the mtimes, so Snakemake
+        sees a complete run; not hard links: reruns write some outputs in place, which would change the shared
+        run under the other tests."""
+        shutil.copytree(self.work, dst, symlinks=True)
+        return Run(dst, self.cfg)

@@ -9,8 +9,8 @@ to keep up to date.
 
 What is hashed is each module's syntax tree without docstrings (``ast.dump``), so an edit of a comment, a docstring
 or the layout reruns nothing, while any change of a statement reruns every stage that can import the module.
-The command dispatcher (``morphfuse.cli``) names every stage module in its table: its strings are not followed,
-else every stage would depend on every other.
+The command dispatcher (``morphfuse.cli``) names every stage module in its table, and the package's ``__init__``
+names the modules of its lazy API: their strings are not followed, else every stage would depend on every other.
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from pathlib import Path
 
 PACKAGE = "morphfuse"
 PACKAGE_ROOT = Path(__file__).resolve().parent
-# Modules whose string constants name other stages' modules without importing them.
-DISPATCHERS = frozenset({f"{PACKAGE}.cli"})
+# Modules whose string constants name other stages' modules without importing them: the command table, and the
+# package's lazy Python API (``morphfuse.Detector`` imports morphfuse.detect on first use, PEP 562; the package is
+# the parent of every module, so following its strings would make every stage depend on detect's code).
+DISPATCHERS = frozenset({f"{PACKAGE}.cli", PACKAGE})
 # Every stage process starts here (``python -m morphfuse <stage>``).
 ENTRY = (f"{PACKAGE}.__main__", f"{PACKAGE}.cli")
 
@@ -43,7 +45,9 @@ def _modules(root: str) -> dict[str, Path]:
 
 @functools.lru_cache(maxsize=None)
 def _parsed(path: Path, mtime_ns: int) -> ast.Module:
-    return ast.parse(path.read_bytes(), filename=str(path))
+    """The module's syntax tree without docstrings, parsed once for both the import graph and the digest (a
+    planning run parses every module of the package)."""
+    return _StripDocstrings().visit(ast.parse(path.read_bytes(), filename=str(path)))
 
 
 def _tree(path: Path) -> ast.Module:
@@ -134,7 +138,7 @@ class _StripDocstrings(ast.NodeTransformer):
 
 @functools.lru_cache(maxsize=None)
 def _digest(path: Path, mtime_ns: int) -> str:
-    tree = _StripDocstrings().visit(ast.parse(path.read_bytes(), filename=str(path)))
+    tree = _parsed(path, mtime_ns)
     return hashlib.sha256(ast.dump(tree, annotate_fields=True, include_attributes=False).encode()).hexdigest()
 
 
