@@ -87,12 +87,13 @@ def test_ddl_layout_with_bad_files_goes_to_the_ledger(tmp_path):
     reasons = ledger.frame().set_index("image_id")["reason"]
     assert "without a mask" in reasons["ddl__train__fake__f_nomask"]
     assert "mask is (10, 10)" in reasons["ddl__train__fake__f_badmask"]
-    assert "unreadable" in reasons["ddl__train__real__broken"]
+    assert "unknown format" in reasons["ddl__train__real__broken"]
 
 
 def test_generators_layout(tmp_path):
     root = tmp_path / "gen"
-    (root / "simswap/fake").mkdir(parents=True); (root / "simswap/mask").mkdir()
+    (root / "simswap/fake").mkdir(parents=True)
+    (root / "simswap/mask").mkdir()
     photo = sorted((LONDON_512 / "neutral_front").glob("*.jpg"))[0]
     shutil.copy(photo, root / "simswap/fake/001_03.jpg")
     w, h = Image.open(photo).size
@@ -122,7 +123,8 @@ def test_config_validation_names_key_value_and_expectation(tmp_path):
         validate_config(cfg, "my.yaml")
     msg = str(ei.value)
     assert "fusion.kernel = 4: must be odd" in msg and "split.fractions" in msg and "my.yaml" in msg
-    p = tmp_path / "c.yaml"; p.write_text("sources: [")
+    p = tmp_path / "c.yaml"
+    p.write_text("sources: [")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(p)
 
@@ -131,8 +133,12 @@ def test_index_cli_writes_index_and_ledger(tmp_path):
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["sources"][0]["root"] = str(LONDON_512)
     cfg["sources"][0]["include"] = ["lisa/**", "zoom/**"]
-    p = tmp_path / "c.yaml"; p.write_text(yaml.safe_dump(cfg))
-    assert main(["index", "--config", str(p), "--out", str(tmp_path / "i.parquet"), "--ledger", str(tmp_path / "l.csv")]) == 0
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert (
+        main(["index", "--config", str(p), "--out", str(tmp_path / "i.parquet"), "--ledger", str(tmp_path / "l.csv")])
+        == 0
+    )
     df = pd.read_parquet(tmp_path / "i.parquet")
     assert len(df) == 8 and set(df["group"]) == {"lisa", "zoom"}
     cfg["sources"][0]["root"] = str(tmp_path / "nowhere")

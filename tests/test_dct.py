@@ -81,16 +81,16 @@ def test_exact_at_paper_size():
     x = np.random.default_rng(3).standard_normal((1, 1, 512, 512))
     for low_band in dct.LOW_BANDS:
         ref_h, ref_l = _reference(x, low_band, normalize=False)
-        h, l = dct.dct_bands(torch.from_numpy(x), low_band, normalize=False)
-        assert np.abs(h.numpy() - ref_h).max() < 1e-12 and np.abs(l.numpy() - ref_l).max() < 1e-12
+        h, lo = dct.dct_bands(torch.from_numpy(x), low_band, normalize=False)
+        assert np.abs(h.numpy() - ref_h).max() < 1e-12 and np.abs(lo.numpy() - ref_l).max() < 1e-12
 
 
 def test_normalised_range_and_constant_input():
     x = torch.randn(3, 3, 40, 32)
     x[1] = 0.7  # a constant image: both bands are rounding noise (high) or the constant (low) → zeros
     x[2] = -2.1
-    h, l = dct.dct_bands(x)
-    for b in (h, l):
+    h, lo = dct.dct_bands(x)
+    for b in (h, lo):
         assert torch.isfinite(b).all()
         assert b[0].min() == 0 and b[0].max() == pytest.approx(1.0)
         assert torch.count_nonzero(b[1:]) == 0
@@ -103,8 +103,8 @@ def test_half_types_autocast_and_errors():
     x = torch.randn(2, 3, 24, 24)
     ref_h, ref_l = dct.dct_bands(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h, l = dct.dct_bands(x)
-    assert h.dtype == torch.float32 and torch.equal(h, ref_h) and torch.equal(l, ref_l)
+        h, lo = dct.dct_bands(x)
+    assert h.dtype == torch.float32 and torch.equal(h, ref_h) and torch.equal(lo, ref_l)
     hb, lb = dct.dct_bands(x.bfloat16())
     assert hb.dtype == torch.bfloat16 and (hb.float() - ref_h).abs().max() < 0.05
     assert dct.dct_bands(x[:0])[0].shape == (0, 3, 24, 24)
@@ -122,8 +122,8 @@ def test_cache_built_under_inference_mode_serves_autograd():
     with torch.inference_mode():
         dct.dct_bands(torch.rand(1, 3, 33, 35))
     y = torch.rand(1, 3, 33, 35, requires_grad=True)
-    h, l = dct.dct_bands(y)
-    (h.sum() + l.sum()).backward()
+    h, lo = dct.dct_bands(y)
+    (h.sum() + lo.sum()).backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
     h2, l2 = dct.dct_bands(y.detach())
-    assert torch.equal(h.detach(), h2) and torch.equal(l.detach(), l2)  # in-place and autograd paths agree
+    assert torch.equal(h.detach(), h2) and torch.equal(lo.detach(), l2)  # in-place and autograd paths agree

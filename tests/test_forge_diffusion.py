@@ -243,7 +243,9 @@ def test_sd_inpaint_tiny_pipeline(model_dirs, photo):
     a = results[0]
     b = gen(TARGET, rgb, [face], rng_for(7, gen.method, TARGET["image_id"], 0), opts)
     assert a.fake_rgb.tobytes() == b.fake_rgb.tobytes() and a.mask.tobytes() == b.mask.tobytes()
-    c = gen(TARGET, rgb, [face], rng_for(8, gen.method, TARGET["image_id"], 0), {**opts, "regions": [a.extra["region"]]})
+    c = gen(
+        TARGET, rgb, [face], rng_for(8, gen.method, TARGET["image_id"], 0), {**opts, "regions": [a.extra["region"]]}
+    )
     assert c.fake_rgb.tobytes() != a.fake_rgb.tobytes()                  # another seed, another forgery
 
     # paste_back off: the mask is every changed pixel (the VAE round trip touches the whole image)

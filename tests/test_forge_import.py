@@ -24,19 +24,28 @@ def gen_root(tmp_path):
     mask[10:30, 15:35] = 255
     r = tmp_path / "gen"
     s = r / "simswap"
-    _img(s / "fake" / "ok.png", rgb()); _img(s / "mask" / "ok.png", mask)
-    _img(s / "fake" / "sub" / "deep.jpg", rgb()); _img(s / "mask" / "sub" / "deep.png", mask)   # nested, other ext
+    _img(s / "fake" / "ok.png", rgb())
+    _img(s / "mask" / "ok.png", mask)
+    _img(s / "fake" / "sub" / "deep.jpg", rgb())
+    _img(s / "mask" / "sub" / "deep.png", mask)   # nested, other ext
     _img(s / "fake" / "nomask.png", rgb())
-    _img(s / "fake" / "size.png", rgb()); _img(s / "mask" / "size.png", mask[:30])
-    _img(s / "fake" / "empty.png", rgb()); _img(s / "mask" / "empty.png", np.zeros_like(mask))
-    _img(s / "fake" / "zeroone.png", rgb()); _img(s / "mask" / "zeroone.png", (mask > 0).astype(np.uint8))
-    soft = mask.copy(); soft[10:30, 15:20] = 100; soft[10:30, 20:25] = 200     # 10 % non-binary, still > 127 inside
-    _img(s / "fake" / "soft.png", rgb()); _img(s / "mask" / "soft.png", soft)
+    _img(s / "fake" / "size.png", rgb())
+    _img(s / "mask" / "size.png", mask[:30])
+    _img(s / "fake" / "empty.png", rgb())
+    _img(s / "mask" / "empty.png", np.zeros_like(mask))
+    _img(s / "fake" / "zeroone.png", rgb())
+    _img(s / "mask" / "zeroone.png", (mask > 0).astype(np.uint8))
+    soft = mask.copy()
+    soft[10:30, 15:20] = 100
+    soft[10:30, 20:25] = 200     # 10 % non-binary, still > 127 inside
+    _img(s / "fake" / "soft.png", rgb())
+    _img(s / "mask" / "soft.png", soft)
     (s / "fake" / "notes.txt").write_text("not an image")
     (s / "fake" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     _img(s / "mask" / "broken.png", mask)
     f = r / "facedancer"
-    _img(f / "fake" / "a.png", rgb()); _img(f / "masks" / "a.png", mask)                  # masks/ also accepted
+    _img(f / "fake" / "a.png", rgb())
+    _img(f / "masks" / "a.png", mask)                  # masks/ also accepted
     (r / "README").write_text("not a method")
     return r
 
@@ -44,7 +53,8 @@ def gen_root(tmp_path):
 def test_import_checks(gen_root):
     ledger = Ledger("forge_import")
     rows = import_generated(gen_root, split="train", ledger=ledger)
-    assert sorted(rows["image_id"]) == ["facedancer__a", "simswap__ok", "simswap__soft", "simswap__sub__deep"]
+    assert sorted(rows["image_id"]) == ["facedancer__a", "simswap__ok", "simswap__soft", "simswap__sub__deep",
+                                        "simswap__zeroone"]  # a 0/1 mask is binary (noted once, below)
     ok = rows.set_index("image_id").loc["simswap__ok"]
     assert ok["root"] == str(gen_root.resolve()) and ok["path"] == "simswap/fake/ok.png"
     assert ok["mask_path"] == "simswap/mask/ok.png" and ok["label"] == 1 and ok["method"] == "simswap"
@@ -52,12 +62,12 @@ def test_import_checks(gen_root):
     assert rows.set_index("image_id").loc["facedancer__a", "mask_path"] == "facedancer/masks/a.png"
     assert rows.set_index("image_id").loc["simswap__sub__deep", "mask_path"] == "simswap/mask/sub/deep.png"
     reasons = {r["image_id"]: r["reason"] for r in ledger.rows}
-    assert set(reasons) == {"simswap__nomask", "simswap__size", "simswap__empty", "simswap__zeroone",
+    assert set(reasons) == {"simswap__nomask", "simswap__size", "simswap__empty", "",
                             "simswap__soft", "simswap__notes", "simswap__broken"}
     assert "no mask" in reasons["simswap__nomask"]
     assert "30" in reasons["simswap__size"] and "40" in reasons["simswap__size"]
     assert "empty" in reasons["simswap__empty"]
-    assert "0/1" in reasons["simswap__zeroone"]
+    assert reasons[""].startswith("note: 1 generator mask(s) hold only the values 0 and 1")
     assert reasons["simswap__soft"].startswith("warning:") and "10.0%" in reasons["simswap__soft"]
     assert "not an image" in reasons["simswap__notes"]
     assert reasons["simswap__broken"]
@@ -85,9 +95,13 @@ def test_import_cli_and_sheet(gen_root, tmp_path):
 def test_contact_sheet_with_sources(tmp_path):
     root = tmp_path / "r"
     src = np.full((60, 40, 3), 90, np.uint8)
-    fake = src.copy(); fake[10:30, 10:30] = 200
-    m = np.zeros((60, 40), np.uint8); m[10:30, 10:30] = 255
-    _img(root / "src.png", src); _img(root / "images" / "f.png", fake); _img(root / "masks" / "f.png", m)
+    fake = src.copy()
+    fake[10:30, 10:30] = 200
+    m = np.zeros((60, 40), np.uint8)
+    m[10:30, 10:30] = 255
+    _img(root / "src.png", src)
+    _img(root / "images" / "f.png", fake)
+    _img(root / "masks" / "f.png", m)
     _img(root / "donor.png", np.full((60, 40, 3), 30, np.uint8))
     index = pd.DataFrame([{"image_id": "s", "root": str(root), "path": "src.png"},
                           {"image_id": "d", "root": str(root), "path": "donor.png"}])

@@ -210,7 +210,9 @@ def test_every_sbi_fake_equals_a_real_of_the_manifest_outside_its_mask(tmp_path,
         assert r["shard"].startswith(r["split"])
     # as released: no real is added, and the fakes whose target was tinted match no real outside their mask
     _, released = _manifest_of(tmp_path, idx, "as_released", backend)
-    unmatched = [r["image_id"] for _, r in released[released["label"] == 1].iterrows() if not _matches_a_real(r, released)]
+    unmatched = [
+        r["image_id"] for _, r in released[released["label"] == 1].iterrows() if not _matches_a_real(r, released)
+    ]
     assert (released["method"] == "sbi_target").sum() == 0
     assert sorted(unmatched) == sorted(i.replace("sbi_target__", "sbi__") for i in added["image_id"])
     # source only: the target is always the untouched photo

@@ -57,7 +57,9 @@ def test_downscale_then_back(photo, factor):
         assert np.abs(small.astype(np.float64) - box).max() <= 0.5 + 1e-9
     # the whole round trip against Pillow's box shrink and bilinear enlargement
     sw, sh = round(w * factor), round(h * factor)
-    ref = np.asarray(Image.fromarray(photo).resize((sw, sh), Image.Resampling.BOX).resize((w, h), Image.Resampling.BILINEAR))
+    ref = np.asarray(
+        Image.fromarray(photo).resize((sw, sh), Image.Resampling.BOX).resize((w, h), Image.Resampling.BILINEAR)
+    )
     assert mad(ours, ref) < 1.5, mad(ours, ref)
     assert mad(ours, photo) > 0.5
 

@@ -43,11 +43,14 @@ import math
 import os
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
+
+if TYPE_CHECKING:  # pandas is imported where it is used: not on `morphfuse detect`'s path
+    import pandas as pd
 
 from . import dct, srm
 from .errors import UserError
@@ -309,6 +312,7 @@ def _check_columns(df: pd.DataFrame, required, what: str, path) -> None:
 
 
 def _read_parquet(path, what: str) -> pd.DataFrame:
+    import pandas as pd
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: {what} does not exist")
@@ -319,6 +323,7 @@ def _read_parquet(path, what: str) -> pd.DataFrame:
 
 
 def _is_empty(v) -> bool:
+    import pandas as pd
     if v is None or (not isinstance(v, str) and bool(pd.isna(v))):
         return True
     return str(v).strip() == ""
@@ -330,6 +335,7 @@ def _image_path(row) -> Path:
 
 
 def _float_or_nan(v) -> float:
+    import pandas as pd
     try:
         return math.nan if v is None or pd.isna(v) else float(v)
     except (TypeError, ValueError):
@@ -357,7 +363,7 @@ def _load_sample(row, ledger: Ledger) -> tuple[np.ndarray, np.ndarray, bool] | N
         return rgb, np.zeros((h, w), bool), False
     mask_path = Path("" if _is_empty(row.get("root")) else str(row["root"])) / str(row["mask_path"])
     try:
-        mask = read_mask(mask_path, expected_hw=(h, w))
+        mask = read_mask(mask_path, expected_hw=(h, w), notes=ledger.mask_notes)  # 0/1 masks: one ledger note
     except BadImageError as e:
         ledger.add(row["image_id"], mask_path, f"mask: {e.reason}")
         return None
@@ -508,8 +514,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-mitl", help="MITL feature shard to write (.npz): whole images [+ DCT bands]")
     from .config import default
 
-    parser.add_argument("--lfdl-size", type=int, default=default("lfdl.size"), help="face crop side S (default: %(default)s)")
-    parser.add_argument("--mitl-size", type=int, default=default("mitl.size"), help="whole-image side M (default: %(default)s)")
+    parser.add_argument(
+        "--lfdl-size", type=int, default=default("lfdl.size"), help="face crop side S (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--mitl-size", type=int, default=default("mitl.size"), help="whole-image side M (default: %(default)s)"
+    )
     parser.add_argument("--mode", choices=MODES, default=default("features.mode"),
                         help="precompute: also store SRM / DCT bands as float16; on_the_fly: pixels only")
     parser.add_argument("--low-band", choices=dct.LOW_BANDS, default=default("mitl.low_band"),

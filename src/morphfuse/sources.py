@@ -2,6 +2,14 @@
 
 Every source yields manifest rows (columns in :data:`MANIFEST_COLUMNS`). Only file headers are read here (size
 and EXIF orientation); stages that decode pixels record bad files in their ledgers.
+
+Folders are walked by :func:`morphfuse.imageio.walk_tree`: symbolic links are followed, but each folder is entered
+once and each file listed once (a link loop, a second path to a folder or file, a dangling link is a ledger
+line). Images the models cannot analyse are ledgered, not indexed: unreadable headers (with the reason: empty
+file, unknown format, over the pixel limit, unsupported TIFF sample format), and images too small or too thin
+(config ``images.min_side``, ``images.max_aspect``). Byte-identical files are found by comparing sizes first and
+hashing only the files that share a size: copies labelled real and fake are all left out (a ledger line each),
+other copies are kept with a ``warning:`` line.
 """
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
-from .imageio import IMAGE_EXTENSIONS, BadImageError, header_size, is_image_file
+from .imageio import IMAGE_EXTENSIONS, MAX_ASPECT, MIN_SIDE, BadImageError, header_size, identical_files, \
+    is_image_file, unusable_size, walk_tree
 from .ledger import Ledger
 
 MANIFEST_COLUMNS = ["image_id", "root", "path", "label", "mask_path", "source", "method", "group",
@@ -41,11 +50,19 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
 
 
-def _size_or_ledger(path: Path, image_id: str, ledger: Ledger) -> tuple[int, int] | None:
-    """:func:`image_size`, recording an unreadable header in the ledger."""
-    size = image_size(path)
-    if size is None:
-        ledger.add(image_id, path, "unreadable image header (corrupt, truncated or not an image)")
+def _size_or_ledger(path: Path, image_id: str, ledger: Ledger, limits: dict | None = None) -> tuple[int, int] | None:
+    """The image's (width, height), or None after a ledger line saying why it cannot be used (an unreadable
+    header, with the reason, or too small or thin to analyse)."""
+    try:
+        size = header_size(path)
+    except BadImageError as e:
+        ledger.add(image_id, path, e.reason)
+        return None
+    lim = image_limits(limits)
+    why = unusable_size(size[0], size[1], lim["min_side"], lim["max_aspect"])
+    if why:
+        ledger.add(image_id, path, why)
+        return None
     return size
 
 
@@ -88,19 +105,21 @@ class IdentityRule:
         return relpath
 
 
-def _walk_images(root: Path, include: list[str] | None, exclude: list[str] | None) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for fn in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, fn), root).replace("\\", "/")
-            if fn.startswith(".") or not is_image_file(fn):
-                continue
-            if include and not any(fnmatch.fnmatch(rel, pat) for pat in include):
-                continue
-            if exclude and any(fnmatch.fnmatch(rel, pat) for pat in exclude):
-                continue
-            out.append(rel)
+def _walk_images(root: Path, include: list[str] | None, exclude: list[str] | None,
+                 ledger: Ledger | None = None, source: str = "") -> list[str]:
+    """Relative paths of the images below ``root`` (each file once; see :func:`walk_tree`); loops, dangling
+    links and second paths go to ``ledger``."""
+    def selected(rel: str) -> bool:
+        if include and not any(fnmatch.fnmatch(rel, pat) for pat in include):
+            return False
+        return not (exclude and any(fnmatch.fnmatch(rel, pat) for pat in exclude))
+
+    w = walk_tree(root, is_image_file, hidden_dirs=True)
+    out = [rel for rel in (p.relative_to(root).as_posix() for p in w.files) if selected(rel)]
+    for p, why in w.problems:
+        rel = p.relative_to(root).as_posix() if p != root else "."
+        if ledger is not None and (not is_image_file(p.name) or selected(rel)):
+            ledger.add(image_id_for(source, rel, stem_only=False) if source else rel, p, why)
     return out
 
 
@@ -134,14 +153,19 @@ def _unique_ids(rels: list[str], source: str) -> dict[str, str]:
     return {r: (v if counts[v] == 1 else image_id_for(source, r, stem_only=False)) for r, v in ids.items()}
 
 
-def index_folder(src: dict, ledger: Ledger) -> list[dict]:
+def image_limits(images: dict | None = None) -> dict:
+    """The image limits (config ``images``: ``min_side``, ``max_aspect``), defaults filled in."""
+    return {"min_side": MIN_SIDE, "max_aspect": MAX_ASPECT, **(images or {})}
+
+
+def index_folder(src: dict, ledger: Ledger, limits: dict | None = None) -> list[dict]:
     root = Path(src["root"])
     ident = IdentityRule(**(src.get("identity") or {}))
-    rels = _walk_images(root, src.get("include"), src.get("exclude"))
+    rels = _walk_images(root, src.get("include"), src.get("exclude"), ledger, src["name"])
     ids = _unique_ids(rels, src["name"])
     rows = []
     for rel in rels:
-        size = _size_or_ledger(root / rel, ids[rel], ledger)
+        size = _size_or_ledger(root / rel, ids[rel], ledger, limits)
         if size is None:
             continue
         rows.append(_row(ids[rel], root, rel, 0, "", src["name"], "real", ident(rel), src.get("split") or "", size))
@@ -157,7 +181,7 @@ def _find_mask(mask_dirs: list[Path], stem: str) -> Path | None:
     return None
 
 
-def index_ddl(src: dict, ledger: Ledger) -> list[dict]:
+def index_ddl(src: dict, ledger: Ledger, limits: dict | None = None) -> list[dict]:
     """DDL-I layout: ``{train,valid}/{real,fake,masks|mask}/`` and an unlabeled ``test/``.
 
     ``train`` → split train, ``valid`` → split val (set ``evaluate.split: val`` to score it), ``test`` →
@@ -175,17 +199,19 @@ def index_ddl(src: dict, ledger: Ledger) -> list[dict]:
             d = base / sub
             if not d.is_dir():
                 continue
-            rels = [f"{part}/{sub}/{r}" for r in _walk_images(d, None, None)]
+            rels = [f"{part}/{sub}/{r}" for r in _walk_images(d, None, None, ledger, f"{src['name']}/{part}/{sub}")]
             ids = _unique_ids(rels, src["name"])
             for rel in rels:
-                size = _size_or_ledger(root / rel, ids[rel], ledger)
+                size = _size_or_ledger(root / rel, ids[rel], ledger, limits)
                 if size is None:
                     continue
                 mask_rel = ""
                 if label == 1:
                     m = _find_mask(mask_dirs, Path(rel).stem)
                     if m is None:
-                        ledger.add(ids[rel], root / rel, f"fake without a mask (looked in {part}/masks and {part}/mask)")
+                        ledger.add(
+                            ids[rel], root / rel, f"fake without a mask (looked in {part}/masks and {part}/mask)"
+                        )
                         continue
                     msize = image_size(m)
                     if msize != size:
@@ -196,20 +222,22 @@ def index_ddl(src: dict, ledger: Ledger) -> list[dict]:
                                  "real" if label == 0 else "ddl", ident(Path(rel).name), split, size))
     test = root / "test"
     if test.is_dir():
-        rels = [f"test/{r}" for r in _walk_images(test, None, None)]
+        rels = [f"test/{r}" for r in _walk_images(test, None, None, ledger, f"{src['name']}/test")]
         ids = _unique_ids(rels, src["name"])
         for rel in rels:
-            size = _size_or_ledger(root / rel, ids[rel], ledger)
+            size = _size_or_ledger(root / rel, ids[rel], ledger, limits)
             if size is None:
                 continue
             rows.append(_row(ids[rel], root, rel, -1, "", src["name"], "unknown", ident(Path(rel).name),
                              "unlabeled", size))
     if not rows:
-        raise UserError(f"{root}: no images found in DDL-I layout (expected train/ or valid/ with real/, fake/, masks/)")
+        raise UserError(
+            f"{root}: no images found in DDL-I layout (expected train/ or valid/ with real/, fake/, masks/)"
+        )
     return rows
 
 
-def index_generators(src: dict, ledger: Ledger) -> list[dict]:
+def index_generators(src: dict, ledger: Ledger, limits: dict | None = None) -> list[dict]:
     """External generators' outputs: ``<root>/<method>/{fake,mask|masks}/`` with a mask per fake (same stem).
 
     The checks (mask present, same size, binary, not empty) are those of ``morphfuse forge import``; the
@@ -223,8 +251,16 @@ def index_generators(src: dict, ledger: Ledger) -> list[dict]:
                           identity=lambda method, rel: ident(f"{method}/{rel}"), ledger=local,
                           source=src["name"])
     for row in local.rows:  # the same ids in the ledger as in the manifest
-        ledger.add(f"{src['name']}__{row['image_id']}", row["path"], row["reason"])
+        ledger.add(f"{src['name']}__{row['image_id']}" if row["image_id"] else "", row["path"], row["reason"])
     df["image_id"] = src["name"] + "__" + df["image_id"]
+    lim = image_limits(limits)
+    keep = []
+    for r in df.itertuples(index=False):
+        why = unusable_size(int(r.width), int(r.height), lim["min_side"], lim["max_aspect"])
+        if why:
+            ledger.add(r.image_id, Path(r.root) / r.path, why)
+        keep.append(why is None)
+    df = df[pd.Series(keep, index=df.index, dtype=bool)].reset_index(drop=True)
     df["source_groups"] = df["group"]
     df["fingerprint"] = [file_fingerprint(Path(r) / p, Path(r) / m)
                          for r, p, m in zip(df["root"], df["path"], df["mask_path"])]
@@ -244,24 +280,83 @@ def folders_fingerprint(roots) -> str:
         if not root.is_dir():
             h.update(f"missing:{root}".encode())
             continue
-        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-            dirnames.sort()
-            h.update(f"{os.path.relpath(dirpath, root)}:{os.stat(dirpath).st_mtime_ns};".encode())
+        # Links are followed, each folder once (a loop is walked once, not until the path is too long).
+        for d in walk_tree(root, files=False, hidden_dirs=True).dirs:
+            try:
+                mtime = os.stat(d).st_mtime_ns
+            except OSError:
+                mtime = -1
+            h.update(f"{os.path.relpath(d, root)}:{mtime};".encode())
     return h.hexdigest()[:16]
 
 
 INDEXERS = {"folder": index_folder, "ddl": index_ddl, "generators": index_generators}
 
 
-def index_sources(sources: list[dict], ledger: Ledger) -> pd.DataFrame:
+def drop_identical(rows: list[dict], ledger: Ledger) -> list[dict]:
+    """Rows whose image files are byte-identical: sizes first, hashes only for files that share a size.
+
+    A file reached twice (overlapping sources) is indexed once. Copies labelled real AND fake contradict each
+    other: every labelled copy is left out (one ledger line each).
+    Other copies (one label, or unlabeled) are kept, each but the first with a ``warning:`` line: the same image
+    twice may sit in two splits.
+    """
+    first_of: dict[tuple[int, int], int] = {}
+    kept = []
+    for k, r in enumerate(rows):  # one file reached twice (overlapping sources): indexed once
+        p = Path(r["root"]) / r["path"]
+        try:
+            st = os.stat(p)
+        except OSError:
+            kept.append(r)
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in first_of:
+            f = rows[first_of[key]]
+            ledger.add(r["image_id"], p, f"the same file as {Path(f['root']) / f['path']} (image_id {f['image_id']}; "
+                                         "overlapping sources or a link): indexed once")
+            continue
+        first_of[key] = k
+        kept.append(r)
+    rows = kept
+    paths = [Path(r["root"]) / r["path"] for r in rows]
+    names = {-1: "unlabeled", 0: "real", 1: "fake"}
+    drop: set[int] = set()
+    for group in identical_files(paths):
+        group = sorted(group, key=lambda i: rows[i]["image_id"])
+        labels = {int(rows[i]["label"]) for i in group}
+        contradictory = {0, 1} <= labels
+        for i in group:
+            lab = int(rows[i]["label"])
+            if contradictory and lab in (0, 1):
+                o = next(j for j in group if int(rows[j]["label"]) == 1 - lab)
+                ledger.add(rows[i]["image_id"], paths[i],
+                           f"byte-identical to {paths[o]}, labelled {names[1 - lab]} where this one is "
+                           f"{names[lab]}: contradictory labels, every labelled copy left out")
+                drop.add(i)
+            elif i != group[0]:
+                ledger.add(
+                    rows[i]["image_id"],
+                    paths[i],
+                    f"warning: byte-identical copy of {paths[group[0]]} ({names.get(int(rows[group[0]]['label']))}); "
+                    "kept, but the same image twice may sit in two splits",
+                )
+    return [r for k, r in enumerate(rows) if k not in drop]
+
+
+def index_sources(sources: list[dict], ledger: Ledger, images: dict | None = None) -> pd.DataFrame:
+    """Every source's rows; ``images`` holds the image limits (config ``images``, :func:`image_limits`)."""
     rows = []
     for src in sources:
         root = Path(src["root"])
         if not root.is_dir():
             raise UserError(f"source {src['name']!r}: root {root} is not a folder (set sources[].root in the config)")
-        rows.extend(INDEXERS[src["kind"]](src, ledger))
+        rows.extend(INDEXERS[src["kind"]](src, ledger, images))
+    rows = drop_identical(rows, ledger)
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     dup = df["image_id"][df["image_id"].duplicated()]
     if len(dup):
-        raise UserError(f"image ids are not unique across sources (e.g. {dup.iloc[0]!r}): give the sources distinct names")
+        raise UserError(
+            f"image ids are not unique across sources (e.g. {dup.iloc[0]!r}): give the sources distinct names"
+        )
     return df

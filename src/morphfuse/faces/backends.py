@@ -389,16 +389,21 @@ def backend_options(name: str) -> list[str]:
     return [p for p in inspect.signature(_FACTORIES[name].__init__).parameters if p != "self"]
 
 
-def backend_from_config(faces: Mapping) -> FaceBackend:
-    """The face backend of a config's ``faces:`` block: the one builder every stage uses (faces, forge, detect).
-
-    Top-level keys (``upsample``, ``min_score``, ``gray``) go to the backends that take them; a block named after
-    the backend (``face_alignment:``) adds its own options."""
+def options_from_config(faces: Mapping) -> tuple[str, dict]:
+    """``(backend name, options)`` of a config's ``faces:`` block: top-level keys (``upsample``, ``min_score``,
+    ``gray``) go to the backends that take them; a block named after the backend (``face_alignment:``) adds its
+    own options."""
     name = faces["backend"]
     allowed = backend_options(name)
     opts = {k: faces[k] for k in ("upsample", "min_score", "gray") if k in allowed and k in faces}
     own = faces[name] if name in faces else {}
     opts.update({k: v for k, v in dict(own).items() if k in allowed})
+    return name, opts
+
+
+def backend_from_config(faces: Mapping) -> FaceBackend:
+    """The face backend of a config's ``faces:`` block: the one builder every stage uses (faces, forge, detect)."""
+    name, opts = options_from_config(faces)
     return get_backend(name, **opts)
 
 

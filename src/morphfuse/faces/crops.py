@@ -24,8 +24,9 @@ box (``landmarks.nose_box_from_face_box``) when the region is the nose, else NaN
 the rectangle of the face that made it; ``no_face`` crops have NaN.
 
 Example:
-  morphfuse crops --manifest manifest/shards/s00000.parquet --faces faces/s00000.parquet \\
-      --faces-ledger ledger/faces/s00000.csv --out crops/s00000.parquet --ledger ledger/crops/s00000.csv
+  morphfuse crops --manifest manifest/shards/train_00000.parquet --faces faces/train_00000.parquet \\
+      --faces-ledger ledger/faces/train_00000.csv --out crops/train_00000.parquet \\
+      --ledger ledger/crops/train_00000.csv
 """
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ import argparse
 import logging
 import math
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: not on `morphfuse detect`'s path
+    import pandas as pd
 
 from ..errors import UserError
 from ..imageio import atomic_path
@@ -176,6 +179,7 @@ def crop_shard(manifest: pd.DataFrame, faces: pd.DataFrame, margin: float, max_f
                expand: float = 1.5, counts: dict | None = None) -> list[dict]:
     """Crop rows for every image of ``manifest`` (images in ``skip``, id → reason, get a ledger line instead).
     ``counts["fallback"]`` (if given) is increased by the faces that fell back to the margin rule."""
+    import pandas as pd
     skip = skip or {}
     by_image = {k: g.sort_values("face_idx") for k, g in faces.groupby("image_id", sort=False)}
     rows: list[dict] = []
@@ -219,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import default
 
     c = default("crops")
+    parser.add_argument("--config", default=None,
+                        help="config.yaml, or the inline JSON slice the workflow's rule passes: its crops: block "
+                             "sets every option below (the flags are for runs without it)")
     parser.add_argument("--rule", choices=RULES, default=c["rule"],
                         help="release (default): the 5-landmark box widened by --expand x its height left and right "
                              "and x its width above and below, the area test on that box; margin: the detector box "
@@ -236,8 +243,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
     from .cli import read_faces, read_manifest
 
+    if args.config:
+        from ..config import load_stage_config
+
+        c = load_stage_config(args.config)["crops"]
+        args.rule, args.expand, args.margin = c["rule"], float(c["expand"]), float(c["margin"])
+        args.max_face_area_fraction = float(c["max_face_area_fraction"])
+        args.reference_region, args.reference_pad = c["reference_region"], float(c["reference_pad"])
     if not args.margin > 0:
         raise UserError(f"--margin must be > 0, got {args.margin}")
     if not 0 < args.max_face_area_fraction <= 1:

@@ -66,7 +66,9 @@ def shard_rows(index: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame
     """Real rows (label 0) sorted by image_id, slice [shard*shard_size, (shard+1)*shard_size)."""
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
-        raise UserError(f"the index lacks the column(s) {', '.join(missing)}; expected manifest columns (ARCHITECTURE.md)")
+        raise UserError(
+            f"the index lacks the column(s) {', '.join(missing)}; expected manifest columns (ARCHITECTURE.md)"
+        )
     if shard < 0 or shard_size <= 0:
         raise UserError(f"--shard must be >= 0 and --shard-size > 0, got {shard} and {shard_size}")
     reals = index[index["label"].astype(int) == 0].sort_values("image_id", kind="stable")
@@ -90,9 +92,22 @@ def _abs_path(row: Mapping) -> Path:
     return Path(str(row["root"])) / str(row["path"])
 
 
-def forge_shard(index: pd.DataFrame, method: str, shard: int, shard_size: int, out: str | Path, *, seed: int = 0,
-                per_real: int = 1, min_face_size: float = 0, options: Mapping | None = None, backend=None,
-                generator=None, ledger_path: str | Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, Ledger]:
+def forge_shard(
+    index: pd.DataFrame,
+    method: str,
+    shard: int,
+    shard_size: int,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    per_real: int = 1,
+    min_face_size: float = 0,
+    options: Mapping | None = None,
+    backend=None,
+    generator=None,
+    ledger_path: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, Ledger]:
     """Forge one shard; writes images/, masks/, rows.parquet and the ledger under ``out``; returns (rows, ledger).
 
     ``backend`` is a face backend (``.detect(rgb) -> list[Face]``; default: dlib); ``generator`` overrides the
@@ -219,21 +234,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for method in FACTORIES:
         p = sub.add_parser(method, help=f"forge one shard with {method}")
         p.add_argument("--index", required=True, help="index parquet (manifest columns; real rows have label 0)")
-        p.add_argument("--shard", type=_parse_shard, required=True, help="shard number K (or sK, e.g. s00003)")
+        p.add_argument(
+            "--shard",
+            type=_parse_shard,
+            required=True,
+            help="shard K of the index's real images (an integer: 3 or 00003; its forgeries go to "
+            "forge/<method>/00003/)",
+        )
         p.add_argument("--shard-size", type=int, default=None, help="reals per shard (default: --config's shard_size)")
         p.add_argument("--out", required=True, help="output folder: images/, masks/, rows.parquet, ledger.csv")
         p.add_argument("--seed", type=int, default=None, help="seed (default: --config's seed)")
-        p.add_argument("--per-real", type=int, default=None, help="forgeries per real image (default: --config's forge.per_real)")
+        p.add_argument(
+            "--per-real", type=int, default=None, help="forgeries per real image (default: --config's forge.per_real)"
+        )
         p.add_argument("--min-face-size", type=float, default=None,
                        help="px; smaller largest faces go to the ledger (default: config forge.min_face_size, else 0)")
         p.add_argument("--forehead", action=argparse.BooleanOptionalAction, default=None,
                        help="extend the landmark hull over the forehead (default: the method's config)")
         p.add_argument("--ledger", default=None, help="ledger CSV (default: OUT/ledger.csv)")
-        p.add_argument("--config", default=None, help="config.yaml, or the inline JSON slice a rule passes: forge.<method> options, "
-                            "forge.per_real/min_face_size, faces:, seed, shard_size (default: the schema's defaults)")
+        p.add_argument(
+            "--config",
+            default=None,
+            help="config.yaml, or the inline JSON slice a rule passes: forge.<method> options, "
+            "forge.per_real/min_face_size, faces:, seed, shard_size (default: the schema's defaults)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("import", help="manifest rows for external generator outputs <root>/<method>/{fake,mask}")
-    p.add_argument("--root", required=True)
+    p.add_argument("--root", required=True,
+                   help="folder of the external outputs: <root>/<method>/fake/ and <root>/<method>/mask/")
     p.add_argument("--out", required=True, help="rows parquet")
     p.add_argument("--methods", nargs="*", default=None, help="method folders (default: every one with fake/)")
     p.add_argument("--split", default="", help="split of the imported rows (default empty: the index decides)")
@@ -244,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", nargs="+", required=True, help="rows.parquet file(s) of forge or import")
     p.add_argument("--out", required=True, help="PNG")
     p.add_argument("--index", default=None, help="index parquet, to show the source images")
-    p.add_argument("--max-rows", type=int, default=6)
+    p.add_argument("--max-rows", type=int, default=6, help="forgeries shown, one per row (default 6)")
     p.add_argument("--tile", type=int, default=256, help="tile height in px")
 
 
@@ -267,8 +295,11 @@ def run(args: argparse.Namespace) -> int:
     if args.forge_command == "sheet":
         from .contact_sheet import contact_sheet
 
-        rows = pd.concat([pd.read_parquet(p) for p in args.rows], ignore_index=True)
-        index = pd.read_parquet(args.index) if args.index else None
+        from ..inputs import read_parquet_arg
+
+        cols = ["image_id", "label", "root", "path", "mask_path", "method", "source_ids"]
+        rows = pd.concat([read_parquet_arg(p, "--rows", cols) for p in args.rows], ignore_index=True)
+        index = read_parquet_arg(args.index, "--index", ["image_id", "root", "path"]) if args.index else None
         contact_sheet(rows, args.out, index=index, max_rows=args.max_rows, tile=args.tile)
         return 0
 
@@ -284,10 +315,9 @@ def run(args: argparse.Namespace) -> int:
     min_face = args.min_face_size if args.min_face_size is not None else forge_cfg["min_face_size"]
     options["min_face_size"] = 0 if method in NO_MIN_FACE_SIZE else min_face
     shard_size = args.shard_size or cfg["shard_size"]
-    index_path = Path(args.index)
-    if not index_path.is_file():
-        raise UserError(f"index {index_path} does not exist (run `morphfuse index` first)")
-    index = pd.read_parquet(index_path)
+    from ..inputs import read_parquet_arg
+
+    index = read_parquet_arg(args.index, "--index", ["image_id", "label"])
     seed = args.seed if args.seed is not None else int(cfg["seed"])
     per_real = args.per_real if args.per_real is not None else int(forge_cfg["per_real"])
     forge_shard(index, method, args.shard, int(shard_size), args.out, seed=seed, per_real=per_real,

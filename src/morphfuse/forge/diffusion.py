@@ -423,9 +423,17 @@ class SDInpaintGenerator:
         img_m = Image.fromarray(_resize_rgb(rgb, (mh, mw)))
         mask_m = Image.fromarray(_resize_mask(mask, (mh, mw), grow=vae_factor).astype(np.uint8) * 255)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        kwargs: dict[str, Any] = dict(image=img_m, mask_image=mask_m, height=mh, width=mw, strength=1.0,
-                                      num_inference_steps=int(opts["steps"]), guidance_scale=float(opts["guidance_scale"]),
-                                      generator=gen, output_type="np")
+        kwargs: dict[str, Any] = dict(
+            image=img_m,
+            mask_image=mask_m,
+            height=mh,
+            width=mw,
+            strength=1.0,
+            num_inference_steps=int(opts["steps"]),
+            guidance_scale=float(opts["guidance_scale"]),
+            generator=gen,
+            output_type="np",
+        )
         if self.encode_prompt is None:
             kwargs["prompt"] = prompt
         else:
@@ -458,9 +466,11 @@ class DiffusionInversionGenerator:
     def __init__(self, pipe, options: Mapping, encode_prompt: PromptEncoder | None = None):
         unet = pipe.unet
         if getattr(unet.config, "addition_embed_type", None) is not None:
-            raise UserError(f"forge.diffusion_inversion.model_dir = {options.get('model_dir')!r} is an SDXL-style model "
-                            f"(UNet addition_embed_type={unet.config.addition_embed_type!r}), which diffusion inversion "
-                            "does not support: use a Stable Diffusion 1.x/2.x pipeline directory")
+            raise UserError(
+                f"forge.diffusion_inversion.model_dir = {options.get('model_dir')!r} is an SDXL-style model "
+                f"(UNet addition_embed_type={unet.config.addition_embed_type!r}), which diffusion inversion "
+                "does not support: use a Stable Diffusion 1.x/2.x pipeline directory"
+            )
         if unet.config.in_channels not in (4, 9) and unet.config.in_channels != pipe.vae.config.latent_channels:
             raise UserError(f"forge.diffusion_inversion.model_dir: UNet with {unet.config.in_channels} input channels "
                             "is neither a text-to-image nor an inpainting Stable Diffusion UNet")
@@ -554,7 +564,13 @@ class DiffusionInversionGenerator:
         tgt, unc = self._embed(prompt), self._embed("")
         device = self.pipe.device
         with torch.no_grad():
-            img = torch.from_numpy(np.array(rgb_m, dtype=np.float32)).permute(2, 0, 1)[None].div(127.5).sub(1.0).to(device)
+            img = (
+                torch.from_numpy(np.array(rgb_m, dtype=np.float32))
+                .permute(2, 0, 1)[None]
+                .div(127.5)
+                .sub(1.0)
+                .to(device)
+            )
             x0 = self._encode(img)
             lh, lw = x0.shape[-2:]
             m = torch.from_numpy(mask_m.astype(np.float32))[None, None].to(device)

@@ -5,11 +5,12 @@ or ``<root>/<method>/masks/`` (any image extension). Each pair is checked before
 
 - the fake is readable; a mask with the same stem exists (exactly one) and is readable;
 - the mask has the fake's size;
-- the mask is binary: pixels that are neither 0 nor 255 are allowed up to ``nonbinary_tolerance`` (default
-  1 %, resampling or JPEG noise). Above it the pair is still imported, but a ``warning:`` line goes to the
-  ledger: the mask is binarised at > 127 by every reader (``imageio.read_mask``), the file is not rewritten;
-- the mask is not empty after binarising (> 127). A mask whose maximum is 1 (0/1 coding) is refused with that
-  hint rather than read as empty.
+- the mask is read by ``imageio.read_mask``, the one reader of binary masks (0/255, 0/1 (noted once in the
+  ledger), palette, 16-bit, colour); a mask with values but none above its threshold is refused, never empty;
+- the mask is binary: pixels that are neither of its two codes are allowed up to ``nonbinary_tolerance``
+  (default 1 %, resampling or JPEG noise). Above it the pair is still imported, but a ``warning:`` line goes to
+  the ledger: every reader binarises it the same way, the file is not rewritten;
+- the mask is not empty.
 
 Refused pairs go to the ledger, one line each; nothing is skipped silently.
 Identity and split of an imported fake are unknown to the files: ``group`` defaults to the file's own identity
@@ -22,10 +23,10 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
-from ..imageio import BadImageError, is_image_file, read_gray, read_image
+from ..imageio import BadImageError, EncodingNotes, MaskNotes, binarize_mask, is_image_file, mask_values, \
+    nonbinary_fraction, read_image
 from ..ledger import Ledger
 
 MASK_DIRS = ("mask", "masks")
@@ -54,8 +55,10 @@ def _mask_index(method_dir: Path) -> dict[str, list[Path]]:
     return out
 
 
-def check_pair(fake: Path, masks: list[Path], nonbinary_tolerance: float = 0.01):
-    """Check one fake/mask pair. Returns (width, height, mask path, warning or None), or raises BadImageError."""
+def check_pair(fake: Path, masks: list[Path], nonbinary_tolerance: float = 0.01,
+               notes: EncodingNotes | None = None):
+    """Check one fake/mask pair. Returns (width, height, mask path, warning or None), or raises BadImageError.
+    ``notes`` counts masks stored as 0/1."""
     rgb = read_image(fake)
     h, w = rgb.shape[:2]
     if not masks:
@@ -63,14 +66,12 @@ def check_pair(fake: Path, masks: list[Path], nonbinary_tolerance: float = 0.01)
     if len(masks) > 1:
         raise BadImageError(fake, "several masks with the same name: " + ", ".join(str(m) for m in masks))
     mpath = masks[0]
-    m = read_gray(mpath)
-    if m.shape != (h, w):
-        raise BadImageError(mpath, f"mask is {m.shape[1]}x{m.shape[0]} but its fake is {w}x{h}")
-    if m.max() <= 1 and m.any():
-        raise BadImageError(mpath, "mask holds only 0/1 values: store it as 0/255 (255 = manipulated)")
-    if not (m > 127).any():
-        raise BadImageError(mpath, "mask is empty (no pixel > 127): a fake needs its manipulated region")
-    frac = float(np.count_nonzero((m != 0) & (m != 255))) / m.size
+    values = mask_values(mpath)
+    if values.shape[:2] != (h, w):
+        raise BadImageError(mpath, f"mask is {values.shape[1]}x{values.shape[0]} but its fake is {w}x{h}")
+    if not binarize_mask(values, mpath, notes).any():
+        raise BadImageError(mpath, "mask is empty (no manipulated pixel): a fake needs its manipulated region")
+    frac = nonbinary_fraction(values)
     warning = None
     if frac > nonbinary_tolerance:
         warning = (f"warning: {frac:.1%} of mask pixels are neither 0 nor 255 (tolerance "
@@ -86,12 +87,19 @@ def import_generated(root: str | os.PathLike, methods: list[str] | None = None, 
     ``identity(method, relative_path) -> group`` maps a file (its path under ``<method>/fake/``, extension included)
     to the person shown (default: each file its own identity, ``<method>/<relative stem>``).
     """
-    root = Path(root).resolve()
+    from ..errors import UserError
+
+    try:
+        root = Path(root).resolve(strict=True)
+    except (OSError, RuntimeError):
+        root = Path(root)
     if not root.is_dir():
-        from ..errors import UserError
         raise UserError(f"import root {root} is not a directory (expected <root>/<method>/fake and mask/)")
     ledger = ledger if ledger is not None else Ledger("forge_import")
     methods = methods or find_methods(root)
+    if not methods:
+        raise UserError(f"import root {root}: no <method>/fake/ folder in it (expected <root>/<method>/fake and mask/)")
+    notes = MaskNotes("generator mask")
     rows = []
     for method in methods:
         mdir = root / method
@@ -116,7 +124,7 @@ def import_generated(root: str | os.PathLike, methods: list[str] | None = None, 
                 continue
             seen.add(image_id)
             try:
-                w, h, mpath, warning = check_pair(fake, masks.get(rel_stem, []), nonbinary_tolerance)
+                w, h, mpath, warning = check_pair(fake, masks.get(rel_stem, []), nonbinary_tolerance, notes)
             except BadImageError as e:
                 ledger.add(image_id, e.path, e.reason)
                 continue
@@ -128,5 +136,6 @@ def import_generated(root: str | os.PathLike, methods: list[str] | None = None, 
                 "group": (identity(method, fake.relative_to(mdir / "fake").as_posix()) if identity
                           else f"{method}/{rel_stem}"),
                 "source_groups": "", "source_ids": "", "split": split, "width": int(w), "height": int(h)})
+    notes.write(ledger)
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.astype({"label": "int64", "width": "int64", "height": "int64"})

@@ -57,7 +57,7 @@ TARGET_TRANSFORMS = ("pair", "source_only", "as_released")
 # ------------------------------------------------------------------------------------------ step 3: colour
 def _lut_apply(img: np.ndarray, luts: list[np.ndarray]) -> np.ndarray:
     """Apply one 256-entry float LUT per channel (rounded, clipped to uint8)."""
-    lut = np.stack([np.clip(np.rint(l), 0, 255) for l in luts], axis=1).astype(np.uint8).reshape(256, 1, 3)
+    lut = np.stack([np.clip(np.rint(t), 0, 255) for t in luts], axis=1).astype(np.uint8).reshape(256, 1, 3)
     return cv2.LUT(img, lut)
 
 
@@ -164,7 +164,9 @@ def face_hull(landmarks: np.ndarray, hw: tuple[int, int], forehead: bool) -> np.
     return (np.asarray(hull_mask(np.asarray(landmarks)[:68], hw, forehead=forehead)) > 0).astype(np.uint8)
 
 
-def self_blend(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, options: Mapping | None = None) -> dict | None:
+def self_blend(
+    rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, options: Mapping | None = None
+) -> dict | None:
     """SBI on one image. Returns ``fake`` (uint8), ``mask`` (bool), ``target`` (the possibly colour-transformed
     target: fake == target outside the mask), ``blend`` (m, float32, full size), ``source`` (the transformed,
     warped source over the crop window ``box`` = x0, y0, x1, y1),

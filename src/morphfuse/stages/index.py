@@ -17,14 +17,17 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="config.yaml, or the inline JSON slice a rule passes (sources:, split:)")
+    p.add_argument(
+        "--config", required=True, help="config.yaml, or the inline JSON slice a rule passes (sources:, split:)"
+    )
     p.add_argument("--out", required=True, help="index Parquet to write")
     p.add_argument("--ledger", help="CSV of files that could not be indexed")
 
 
 def build_index(cfg: dict, ledger: Ledger):
     sources = [dict(s, root=str(resolve_path(s["root"]))) for s in cfg["sources"]]
-    df = index_sources(sources, ledger)
+    # config `images` (min_side, max_aspect): read with the defaults until the schema's defaults are filled in.
+    df = index_sources(sources, ledger, cfg["images"])
     sp = cfg["split"]
     df = assign_splits(df, sp["fractions"], sp["seed"])
     return df.sort_values("image_id").reset_index(drop=True)

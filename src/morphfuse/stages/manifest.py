@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..imageio import write_csv, write_parquet
+from ..inputs import read_parquet_arg
 from ..sources import MANIFEST_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,8 @@ def build_manifest(index: pd.DataFrame, forged: list[pd.DataFrame], shard_size: 
 
 
 def run(args) -> int:
-    index = pd.read_parquet(args.index)
-    forged = [pd.read_parquet(p) for p in args.forged]
+    index = read_parquet_arg(args.index, "--index", MANIFEST_COLUMNS)
+    forged = [read_parquet_arg(p, "--forged", MANIFEST_COLUMNS) for p in args.forged]
     df = build_manifest(index, forged, args.shard_size)
     out = Path(args.out_dir)
     write_parquet(out / "manifest.parquet", df)

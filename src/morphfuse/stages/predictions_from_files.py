@@ -14,7 +14,8 @@ import cv2
 import pandas as pd
 
 from ..errors import UserError
-from ..imageio import BadImageError, read_gray, write_csv, write_png
+from ..imageio import BadImageError, ProbNotes, check_prob_encoding, read_gray, write_csv, write_png
+from ..inputs import read_csv_arg, read_parquet_arg
 from ..ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -28,20 +29,21 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    shard = pd.read_parquet(args.manifest)
+    shard = read_parquet_arg(args.manifest, "--manifest", ["image_id", "path", "width", "height"])
     masks_dir = Path(args.masks)
     if not masks_dir.is_dir():
         raise UserError(f"{masks_dir}: predictions.files mask folder does not exist")
     scores_path = Path(args.scores)
-    if not scores_path.exists():
-        raise UserError(f"{scores_path}: predictions.files scores CSV does not exist")
-    scores = pd.read_csv(scores_path, dtype={"image_id": str})
-    if not {"image_id", "score"} <= set(scores.columns):
-        raise UserError(f"{scores_path}: needs the columns image_id,score (has {', '.join(scores.columns)})")
-    score_of = dict(zip(scores["image_id"], scores["score"].astype(float)))
+    scores = read_csv_arg(scores_path, "--scores", ["image_id", "score"], dtype={"image_id": str})
+    values = pd.to_numeric(scores["score"], errors="coerce")
+    if values.isna().any():
+        bad = scores["score"][values.isna()].iloc[0]
+        raise UserError(f"--scores {scores_path}: score {bad!r} is not a number")
+    score_of = dict(zip(scores["image_id"], values.astype(float)))
     out = Path(args.out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     ledger = Ledger("predictions_from_files")
+    notes = ProbNotes()  # maps holding only 0 and 1: legal probabilities, noted once
     rows = []
     for r in shard.itertuples(index=False):
         stem = Path(r.path).stem
@@ -57,11 +59,13 @@ def run(args) -> int:
         except BadImageError as e:
             ledger.add(r.image_id, mpath, e.reason)
             continue
+        check_prob_encoding(v, mpath, notes)
         if v.shape != (r.height, r.width):
             v = cv2.resize(v, (int(r.width), int(r.height)), interpolation=cv2.INTER_LINEAR)
         write_png(out / "masks" / f"{r.image_id}.png", v)
         rows.append({"image_id": r.image_id, "score": score_of[key]})
     write_csv(out / "scores.csv", pd.DataFrame(rows, columns=["image_id", "score"]))
+    notes.write(ledger)
     ledger.write(out / "ledger.csv")
     log.info("%d predictions taken from files, %d missing", len(rows), len(ledger))
     return 0
