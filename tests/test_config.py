@@ -83,10 +83,13 @@ def test_defaults_are_never_shared_between_configs():
 
 
 def test_the_demo_config_and_the_paper_overlay_are_valid():
-    validate_config(demo())
+    cfg = validate_config(demo())
+    assert cfg["lfdl"]["train"]["lr"] > 0 and cfg["evaluate"]["robustness"] is not None  # defaults filled
     from morphfuse.config import deep_update
 
-    validate_config(deep_update(demo(), yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())))
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    merged = validate_config(deep_update(demo(), paper))
+    assert merged["lfdl"]["size"] == paper["lfdl"]["size"]  # the overlay's values survive validation
 
 
 def test_the_schema_ships_inside_the_package_and_the_workflow_links_it():

@@ -5,13 +5,11 @@ The two models are built with ``build_model`` (random weights) and saved exactly
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,71 +17,13 @@ import pytest
 import yaml
 
 from conftest import REPO, london
-from morphfuse.config import load_config
+from model_bundle import S  # the networks' size in the session's bundle (conftest)
 from morphfuse.errors import UserError
 from morphfuse.imageio import read_gray, read_image
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 pytest.importorskip("dlib")
-
-S = 64
-
-
-def _save_model(name: str, cfg: dict, path: Path) -> None:
-    """What ``engine._Run._write_model`` does, for a freshly initialised network."""
-    import torch
-
-    from morphfuse.models import build_model
-    from morphfuse.training import checkpoint as ckpt
-    from morphfuse.training import engine
-
-    settings = engine.Settings.from_config(name, cfg)
-    size, options = engine.model_options(name, cfg)
-    torch.manual_seed(0)
-    model = build_model(name, size, dict(options))
-    rec = ckpt.model_record(name, size, options, engine.config_digest(name, cfg, settings), ckpt.cpu_state_dict(model),
-                            train=ckpt.primitive(dataclasses.asdict(settings)), step=2, epoch=1, finished=True)
-    ckpt.save_atomic(rec, path)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A config at size 64, the two model files, a manifest and a tables folder."""
-    d = tmp_path_factory.mktemp("trained")
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg["lfdl"]["size"] = cfg["mitl"]["size"] = S
-    cfg_path = d / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cfg = load_config(cfg_path)
-    for name in ("lfdl", "mitl"):
-        (d / name).mkdir()
-        _save_model(name, cfg, d / name / "model.pt")
-    man = pd.DataFrame({
-        "image_id": [f"i{k}" for k in range(8)],
-        "split": ["train", "train", "train", "train", "val", "val", "test", "test"],
-        "method": ["real", "sbi", "real", "random_combination", "real", "sbi", "real", "sbi"],
-        "label": [0, 1, 0, 1, 0, 1, 0, 1],
-        "group": ["001", "001", "002", "002", "003", "003", "004", "004"],
-        "source": "london",
-    })
-    man.to_parquet(d / "manifest.parquet")
-    (d / "tables").mkdir()
-    (d / "tables" / "ablation.md").write_text("| variant | AUC | F1 | IoU | Final |\n|---|---|---|---|---|\n"
-                                              "| mdmf | 0.6100 | 0.2200 | 0.1300 | 0.3200 |\n")
-    return {"dir": d, "config": cfg_path, "cfg": cfg, "lfdl": d / "lfdl" / "model.pt", "mitl": d / "mitl" / "model.pt"}
-
-
-@pytest.fixture(scope="module")
-def bundle(trained):
-    from morphfuse.cli import main
-
-    out = trained["dir"] / "bundle"
-    rc = main(["export", "--lfdl", str(trained["lfdl"]), "--mitl", str(trained["mitl"]), "--config",
-               str(trained["config"]), "--out", str(out), "--tables", str(trained["dir"] / "tables"),
-               "--manifest", str(trained["dir"] / "manifest.parquet")])
-    assert rc == 0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -92,7 +32,8 @@ def test_bundle_layout_and_hashes(bundle, trained):
 
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["format"] == "morphfuse-bundle" and meta["format_version"] == 1
-    assert set(meta["files"]) == {"lfdl.pt", "mitl.pt", "config.yaml", "MODEL_CARD.md", "metrics/ablation.md"}
+    assert set(meta["files"]) == {"lfdl.safetensors", "mitl.safetensors", "config.yaml", "MODEL_CARD.md",
+                                  "metrics/ablation.md"}
     for rel, info in meta["files"].items():
         assert sha256_file(bundle / rel) == info["sha256"] and (bundle / rel).stat().st_size == info["bytes"]
     assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == \
@@ -107,14 +48,16 @@ def test_bundle_layout_and_hashes(bundle, trained):
     assert meta["faces"]["backend"] == faces_cfg["backend"] == "dlib"
     assert meta["faces"]["options"] == {"upsample": faces_cfg.get("upsample", 1), "min_score": faces_cfg["min_score"],
                                         "gray": bool(faces_cfg.get("gray", False))}
-    assert meta["crops"] == {"margin": 1.3, "max_face_area_fraction": 0.7}
+    assert meta["crops"] == {"rule": "release", "expand": 1.5, "margin": 1.3, "max_face_area_fraction": 0.7}
     assert meta["score_rules"]["image_score"] == "lfdl" and meta["score_rules"]["mitl"]["rule"] == "top_percent"
     assert meta["training_data"]["identity_disjoint"] is True
-    # The bundle's model files hold weights and options only (no optimizer), loadable with weights_only.
+    # The bundle's model files hold the weights only (no optimizer): safetensors, equal to model.pt's state dict.
     import torch
+    from safetensors.torch import load_file
 
-    rec = torch.load(bundle / "lfdl.pt", map_location="cpu", weights_only=True)
-    assert rec["format"] == "morphfuse-model" and "optimizer" not in rec
+    rec = torch.load(trained["lfdl"], map_location="cpu", weights_only=True)
+    w = load_file(bundle / "lfdl.safetensors")
+    assert w.keys() == rec["state_dict"].keys() and all(torch.equal(w[k], rec["state_dict"][k]) for k in w)
     assert yaml.safe_load((bundle / "config.yaml").read_text()) == trained["cfg"]
 
 
@@ -122,7 +65,7 @@ def test_model_card_content(bundle):
     card = (bundle / "MODEL_CARD.md").read_text()
     for needle in ("LFDL", "MITL", "MDMF", "Shuai et al. (2025)", "identity-disjoint", "| sbi |",
                    "| mdmf | 0.6100", "Intended use", "Limitations", "not the paper's models",
-                   "DeBruine", "CC BY 4.0", "https://doi.org/10.6084/m9.figshare.5047666.v5", "lfdl.pt"):
+                   "DeBruine", "CC BY 4.0", "https://doi.org/10.6084/m9.figshare.5047666.v5", "lfdl.safetensors"):
         assert needle in card, needle
 
 
@@ -145,8 +88,8 @@ def test_tampered_or_missing_file_is_named(bundle, tmp_path):
     with pytest.raises(UserError, match=r"config\.yaml: SHA-256 does not match"):
         load_bundle(copy)
     cfg.write_text(text)
-    (copy / "mitl.pt").unlink()
-    with pytest.raises(UserError, match=r"mitl\.pt: missing from the bundle"):
+    (copy / "mitl.safetensors").unlink()
+    with pytest.raises(UserError, match=r"mitl\.safetensors: missing from the bundle"):
         load_bundle(copy)
 
 
@@ -195,7 +138,7 @@ def test_detect_folder_with_bad_files(bundle, tmp_path, bad_inputs):
 
     names = {good[0].stem: good[0], f"sub__{good[1].stem}": good[1]}
     scores = pd.read_csv(out / "scores.csv")
-    assert list(scores.columns) == ["image", "path", "score", "mitl_score", "fake", "n_faces", "mask_fraction"]
+    assert list(scores.columns) == ["image", "path", "score", "mitl_score", "fake", "n_faces", "mask_fraction", "stamp"]
     assert sorted(scores["image"]) == sorted(names)
     assert scores["score"].between(0, 1).all() and scores["mitl_score"].between(0, 1).all()
     assert scores["mask_fraction"].between(0, 1).all()

@@ -87,12 +87,16 @@ def test_pixel_head_is_the_release_seg_header2_upsampled():
     with torch.no_grad():
         for m in model.pixel.modules():  # non-trivial BN statistics
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.1, 0.1)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
         out = model({"rgb": torch.rand(1, 3, 64, 64)})
         c1, b1, _, c2, b2, _, c3 = model.pixel.head
-        bn = lambda x, b: (x - b.running_mean[:, None, None]) / (b.running_var[:, None, None] + b.eps).sqrt() \
-            * b.weight[:, None, None] + b.bias[:, None, None]
+        def bn(x, b):
+            return (x - b.running_mean[:, None, None]) / (b.running_var[:, None, None] + b.eps).sqrt() \
+                * b.weight[:, None, None] + b.bias[:, None, None]
+
         h = F.relu(bn(F.conv2d(out["x5"], c1.weight, padding=1), b1))
         h = F.relu(bn(F.conv2d(h, c2.weight, padding=1), b2))
         ref = F.interpolate(F.conv2d(h, c3.weight), size=(64, 64), mode="bilinear", align_corners=False)
@@ -421,8 +425,9 @@ def test_info_cli_prints_json(capsys):
     assert info["geometry"]["grid"] == 19 and info["geometry"]["cls_grid"] == 10
     assert info["geometry"]["pixel_head"] is True and info["geometry"]["mask_head"] == "pixel"
     # pixel head: 2·361·(728·256·9 + 256·64·9 + 64·2) = 1.317 GFLOPs on the 19×19 grid
-    assert info["forward_gflops_by_module"]["pixel"] == pytest.approx(2 * 361 * (728 * 256 * 9 + 256 * 64 * 9 + 128) / 1e9,
-                                                                       abs=1e-3)
+    assert info["forward_gflops_by_module"]["pixel"] == pytest.approx(
+        2 * 361 * (728 * 256 * 9 + 256 * 64 * 9 + 128) / 1e9, abs=1e-3
+    )
     # the release's 43.0 (without seg_header2) less its discarded RGB exit flow (~2.0), plus the pixel head
     assert 41.3 < info["forward_gflops"] < 44.3
     assert abs(sum(info["forward_gflops_by_module"].values()) - info["forward_gflops"]) < 1e-2

@@ -10,7 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -109,3 +108,9 @@ def test_the_schema_is_package_data():
     data = pyproject()["tool"]["setuptools"]["package-data"]["morphfuse"]
     assert "*.yaml" in data
     assert (REPO / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_the_package_version_is_pyprojects():
+    import morphfuse
+
+    assert morphfuse.__version__ == pyproject()["project"]["version"]

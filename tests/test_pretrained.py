@@ -199,13 +199,18 @@ def _old_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             new = f"encoder.layer_norm.{s}." + rest.split(".", 1)[1]
         else:
             _, b, rest = rest.split(".", 2)
-            for ours, theirs in [("attention.q_proj", "attention.self.query"), ("attention.k_proj", "attention.self.key"),
-                                 ("attention.v_proj", "attention.self.value"),
-                                 ("attention.sequence_reduction.sequence_reduction", "attention.self.sr"),
-                                 ("attention.sequence_reduction.layer_norm", "attention.self.layer_norm"),
-                                 ("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "mlp.dense1"),
-                                 ("mlp.fc2", "mlp.dense2"), ("layernorm_before", "layer_norm_1"),
-                                 ("layernorm_after", "layer_norm_2")]:
+            for ours, theirs in [
+                ("attention.q_proj", "attention.self.query"),
+                ("attention.k_proj", "attention.self.key"),
+                ("attention.v_proj", "attention.self.value"),
+                ("attention.sequence_reduction.sequence_reduction", "attention.self.sr"),
+                ("attention.sequence_reduction.layer_norm", "attention.self.layer_norm"),
+                ("attention.o_proj", "attention.output.dense"),
+                ("mlp.fc1", "mlp.dense1"),
+                ("mlp.fc2", "mlp.dense2"),
+                ("layernorm_before", "layer_norm_1"),
+                ("layernorm_after", "layer_norm_2"),
+            ]:
                 rest = rest.replace(ours, theirs)
             new = f"encoder.block.{s}.{b}.{rest}"
         out["segformer." + new] = v
@@ -221,8 +226,14 @@ def test_segformer_every_format_and_layout(tmp_path):
     torch.save(_nvlabs(src), tmp_path / "mit_b3.pth")  # the release's file layout
     torch.save(_old_transformers(src), tmp_path / "old_layout.bin")
     save_file({k: v.contiguous() for k, v in src.items()}, str(tmp_path / "segformer.safetensors"))
-    hf_cache_repo(tmp_path / "hf", "nvidia/mit-b3", {"config.json": tmp_path / "mit_folder" / "config.json",
-                                                     "model.safetensors": tmp_path / "mit_folder" / "model.safetensors"})
+    hf_cache_repo(
+        tmp_path / "hf",
+        "nvidia/mit-b3",
+        {
+            "config.json": tmp_path / "mit_folder" / "config.json",
+            "model.safetensors": tmp_path / "mit_folder" / "model.safetensors",
+        },
+    )
     stem = "stages.0.patch_embeddings.proj.weight"
     for spec in (str(tmp_path / "mit_folder"), str(tmp_path / "mit_b3.safetensors"), str(tmp_path / "mit_b3.pth"),
                  str(tmp_path / "old_layout.bin"), str(tmp_path / "segformer.safetensors"), "nvidia/mit-b3"):
@@ -285,7 +296,9 @@ def test_paper_config_without_weights_names_each_missing_one(tmp_path, xception_
     torch.save(xception_state, hub / "xception-43020ad28.pth")
     (tmp_path / "w.safetensors").write_bytes(b"x")  # resolution does not read the files
     (tmp_path / "config.json").write_text("{}")
-    hf_cache_repo(tmp_path / "hf", "timm/convnext_tiny.in12k_ft_in1k", {"model.safetensors": tmp_path / "w.safetensors"})
+    hf_cache_repo(
+        tmp_path / "hf", "timm/convnext_tiny.in12k_ft_in1k", {"model.safetensors": tmp_path / "w.safetensors"}
+    )
     hf_cache_repo(tmp_path / "hf", "nvidia/mit-b3", {"config.json": tmp_path / "config.json",
                                                      "model.safetensors": tmp_path / "w.safetensors"})
     assert missing_weights(cfg) == []

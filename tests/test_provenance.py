@@ -6,7 +6,6 @@ import json
 import os
 import time
 
-import yaml
 
 from conftest import REPO
 from morphfuse.config import config_hash, load_config

@@ -85,7 +85,9 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     if not isinstance(cfg, dict):
         raise UserError(f"{source} is invalid: expected a mapping of keys, got {type(cfg).__name__}")
     validator = _validator_class()(schema())
-    problems = [_explain(e) for e in sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])]
+    problems = [
+        _explain(e) for e in sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
+    ]
     fr = (cfg.get("split") or {}).get("fractions") if isinstance(cfg.get("split"), dict) else None
     if isinstance(fr, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fr.values()) \
             and abs(sum(fr.values()) - 1.0) > 1e-6:
@@ -126,6 +128,8 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{p}: not valid YAML ({first})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot be read as a YAML config ({getattr(e, 'strerror', None) or e})") from None
     return {} if cfg is None else cfg
 
 
@@ -133,7 +137,7 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> dict:
     """Read a YAML config, apply ``overrides`` (nested dict), validate (defaults filled) and return it."""
     cfg = read_yaml_config(path)
     if not isinstance(cfg, dict):
-        raise UserError(f"{path}: a config file must hold a mapping of keys, not a {type(cfg).__name__}")
+        raise UserError(f"{path}: a config is a mapping of settings (key: value), not a {type(cfg).__name__}")
     if overrides:
         cfg = deep_update(cfg, overrides)
     return validate_config(cfg, str(path))

@@ -9,16 +9,21 @@ The bundle is a plain folder (copy it, or ``tar czf bundle.tgz -C results/demo b
   bundle.json    format version, morphfuse version, git commit, the two models (file, name, size, options,
                  training steps, parameters), fusion (default variant, kernel, threshold), face backend and its
                  options, crop rules, score rules, and the SHA-256 and size of every other file
-  lfdl.pt        the LFDL model record exactly as ``morphfuse train`` writes model.pt (weights, options, training
-                 summary; loadable with ``torch.load(weights_only=True)``); never optimizer state: a training
-                 checkpoint given instead is reduced to that record
-  mitl.pt        the same for MITL
+  lfdl.safetensors  the LFDL weights (the state dict of model.pt) in the safetensors format: tensors only, no
+                 pickle, so loading a bundle runs no code from it; the network's name, size, options and training
+                 summary are in bundle.json (``models.lfdl``); never optimizer state (a training checkpoint
+                 given instead is reduced to its weights)
+  mitl.safetensors  the same for MITL
   config.yaml    the effective (validated) config
   MODEL_CARD.md  what the models are, the training data, the metrics, intended use and limitations, attribution
   metrics/       ablation.md (+ ablation.csv) copied from --tables, when given
 
-``morphfuse detect --models BUNDLE`` loads it with :func:`load_bundle`, which checks every file's size and
-SHA-256 against bundle.json first and names the file that is missing or altered. The bundle is assembled in a
+``morphfuse detect --models BUNDLE`` (and ``morphfuse.Detector.from_bundle``) loads it with :func:`load_bundle`,
+which checks every file's size and SHA-256 against bundle.json first and names the file that is missing or
+altered. Bundles of earlier versions, whose models are ``lfdl.pt`` / ``mitl.pt`` records, still load (with
+``torch.load(weights_only=True)``). Only files export writes are in the folder: no workflow bookkeeping (the
+workflow's export rule names ``bundle/bundle.json`` as its output, not the folder, so Snakemake puts no
+timestamp file in it). The bundle is assembled in a
 temporary folder beside ``--out`` and renamed into place, so a killed export never leaves half a bundle; an
 existing bundle at ``--out`` is replaced, any other existing non-empty folder is refused.
 """
@@ -62,12 +67,7 @@ LFDL_SCORE_RULE = "release: mean of the face scores >= 0.5 if any, else the mean
 
 
 # ------------------------------------------------------------------------------------------------ hashing
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from .imageio import sha256_file  # noqa: E402,F401  (one owner: imageio; re-exported for bundle checks)
 
 
 def file_table(root: Path) -> dict[str, dict]:
@@ -81,27 +81,22 @@ def file_table(root: Path) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------ config → bundle
 def face_settings(cfg: dict) -> dict:
-    """The face backend and its options exactly as the workflow's ``faces`` rule passes them to
-    ``morphfuse faces`` (the same option mapping, :func:`morphfuse.faces.cli.backend_options_from_args`)."""
-    from .faces.cli import backend_options_from_args
+    """The face backend and its options, as the workflow's faces and forge stages build them from the config's
+    ``faces:`` block (:func:`morphfuse.faces.backends.options_from_config`)."""
+    from .faces.backends import options_from_config
 
-    f = cfg.get("faces") or {}
-    fa = f.get("face_alignment") or {}
-    ns = argparse.Namespace(backend=f.get("backend", "dlib"), upsample=int(f.get("upsample", 1)),
-                            min_score=f.get("min_score", 0.0), gray=bool(f.get("gray", False)),
-                            device=fa.get("device") or "cpu", torch_home=fa.get("torch_home") or None,
-                            fa_detector=fa.get("detector") or "sfd")
-    return {"backend": ns.backend, "options": backend_options_from_args(ns)}
+    name, opts = options_from_config(cfg["faces"])
+    return {"backend": name, "options": opts}
 
 
 def crop_settings(cfg: dict) -> dict:
-    c = cfg.get("crops") or {}
-    return {"margin": float(c.get("margin", 1.3)),
-            "max_face_area_fraction": float(c.get("max_face_area_fraction", 0.7))}
+    c = cfg["crops"]
+    return {"rule": str(c["rule"]), "expand": float(c["expand"]), "margin": float(c["margin"]),
+            "max_face_area_fraction": float(c["max_face_area_fraction"])}
 
 
 def score_rules(cfg: dict) -> dict:
-    s = {"rule": "top_percent", "percent": 1.0, **((cfg.get("mitl") or {}).get("score") or {})}
+    s = cfg["mitl"]["score"]
     return {"image_score": "lfdl", "lfdl": LFDL_SCORE_RULE,
             "mitl": {"rule": str(s["rule"]), "percent": float(s["percent"]),
                      "computed_on": "stored values v/255 of the full-size mask"},
@@ -111,9 +106,9 @@ def score_rules(cfg: dict) -> dict:
 def fusion_settings(cfg: dict) -> dict:
     from .fusion import VARIANTS
 
-    f = cfg.get("fusion") or {}
-    return {"variant": DEFAULT_VARIANT, "variants": list(VARIANTS), "kernel": int(f.get("kernel", 5)),
-            "threshold": float(f.get("threshold", 0.5))}
+    f = cfg["fusion"]
+    return {"variant": DEFAULT_VARIANT, "variants": list(VARIANTS), "kernel": int(f["kernel"]),
+            "threshold": float(f["threshold"])}
 
 
 def uses_london_set(cfg: dict) -> bool:
@@ -134,17 +129,51 @@ def uses_london_set(cfg: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- models
+WEIGHTS_FORMAT = "morphfuse-weights"
+
+
+def save_weights(state_dict: dict, path: Path, model_name: str, size: int) -> None:
+    """A state dict as a safetensors file (atomically), its model's name and size in the file's metadata."""
+    from safetensors.torch import save_file
+
+    from .imageio import atomic_path
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": WEIGHTS_FORMAT, "model_name": model_name,
+                                                "size": str(int(size))})
+
+
+def load_weights(path: Path, model_name: str) -> dict:
+    """The state dict of a bundle's safetensors file (tensors only: nothing is unpickled); ``UserError`` when
+    it is not readable or belongs to another model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata() or {}
+        state = load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        raise UserError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]}); re-export "
+                        "the bundle") from None
+    if info.get("format") != WEIGHTS_FORMAT or info.get("model_name") != model_name:
+        raise UserError(f"{path}: holds the weights of {info.get('model_name')!r}, not of the {model_name} model; "
+                        "re-export the bundle")
+    return state
+
+
 def _model_entry(name: str, src: Path, dest: Path, cfg: dict, check: bool) -> dict:
-    """Copy (or reduce) one model file into the bundle; return its bundle.json entry."""
+    """Write one model's weights into the bundle (safetensors); return its bundle.json entry."""
     from .training import checkpoint as ckpt
     from .training import engine
 
     # load_model_file gives a model record (weights, options, training summary) also for a training checkpoint,
-    # whose optimizer, scheduler and RNG states are left out: the bundle only ever holds that record.
+    # whose optimizer, scheduler and RNG states are left out: the bundle only ever holds the weights.
     rec = ckpt.load_model_file(src, name)
     if not rec.get("finished", True):
         log.warning("%s: this %s model stopped before the end of its training (step %s)", src, name, rec.get("step"))
-    ckpt.save_atomic(rec, dest)
+    save_weights(rec["state_dict"], dest, rec["model_name"], rec["size"])
     n_params = None
     if check:
         model = ckpt.build_from_record(rec, src)
@@ -165,6 +194,7 @@ def _model_entry(name: str, src: Path, dest: Path, cfg: dict, check: bool) -> di
         "train": rec.get("train"), "step": rec.get("step"), "epoch": rec.get("epoch"),
         "finished": bool(rec.get("finished", False)), "torch_version": rec.get("torch_version"),
         "n_parameters": n_params, "source": str(Path(src).resolve()),
+        "selected": rec.get("selected"),  # model_best.pt: the val epoch it was chosen from (None: the last model)
     }
 
 
@@ -245,10 +275,14 @@ def model_card(meta: dict, cfg: dict, data: dict | None, ablation_md: str | None
          f"`{fu['variant']}`; also {', '.join(v for v in fu['variants'] if v != fu['variant'])}).",
          f"- Image score: the LFDL score ({sc['lfdl']}); an image is called fake when its score >= "
          f"{sc['fake_threshold']}. MITL's own score ({sc['mitl']['rule']}, {sc['mitl']['percent']} %) is reported "
-         "beside it.",
+         "beside it." + (" Both thresholds were fitted on the val split (`bundle.json`: `thresholds`)."
+                         if meta.get("thresholds", {}).get("source") == "val" else ""),
          f"- Faces: `{fa['backend']}` backend ({', '.join(f'{k}={v}' for k, v in fa['options'].items())}); crops: "
-         f"face box ×{cr['margin']}, the whole image when no face is found or a face covers more than "
-         f"{cr['max_face_area_fraction']} of it.", "",
+         + (f"the 5-landmark box widened by {cr.get('expand', 1.5)}× its height left/right and its width above/"
+            f"below (the release's rule; faces without landmarks: the detector box ×{cr['margin']})"
+            if cr.get("rule", "margin") == "release" else f"the detector box ×{cr['margin']}")
+         + f", the whole image when no face is found or a face box covers more than {cr['max_face_area_fraction']}"
+         " of it.", "",
          "## Training data", ""]
     sources = cfg.get("sources") or []
     if sources:
@@ -312,13 +346,14 @@ def model_card(meta: dict, cfg: dict, data: dict | None, ablation_md: str | None
 # ------------------------------------------------------------------------------------------------- export
 def export_bundle(lfdl: str | os.PathLike, mitl: str | os.PathLike, config: str | os.PathLike,
                   out: str | os.PathLike, tables: str | os.PathLike | None = None,
-                  manifest: str | os.PathLike | None = None, check: bool = True) -> dict:
+                  manifest: str | os.PathLike | None = None, check: bool = True,
+                  thresholds: str | os.PathLike | None = None) -> dict:
     """Write the bundle folder ``out`` (see the module docstring); returns bundle.json's content."""
     from .provenance import git_info
 
     cfg = load_stage_config(config)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "bundle.json").is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _looks_like_bundle(out))):
         raise UserError(f"--out {out}: exists and is not a morphfuse bundle; choose another folder or remove it")
     ablation_md = ablation_csv = None
     if tables is not None:
@@ -332,7 +367,7 @@ def export_bundle(lfdl: str | os.PathLike, mitl: str | os.PathLike, config: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        models = {name: _model_entry(name, Path(src), tmp / f"{name}.pt", cfg, check)
+        models = {name: _model_entry(name, Path(src), tmp / f"{name}.safetensors", cfg, check)
                   for name, src in (("lfdl", lfdl), ("mitl", mitl))}
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
         if ablation_md is not None:
@@ -351,6 +386,9 @@ def export_bundle(lfdl: str | os.PathLike, mitl: str | os.PathLike, config: str 
             "training_data": data, "attribution": LONDON_ATTRIBUTION if london else None,
             "files": file_table(tmp),
         }
+        from .thresholds import bundle_thresholds
+
+        bundle_thresholds(meta, thresholds)  # meta["thresholds"]; fitted on val: fusion and score thresholds too
         card = tmp / "MODEL_CARD.md"
         card.write_text(model_card(meta, cfg, data, ablation_md.read_text() if ablation_md else None, london))
         meta["files"]["MODEL_CARD.md"] = {"sha256": sha256_file(card), "bytes": card.stat().st_size}
@@ -370,6 +408,13 @@ def export_bundle(lfdl: str | os.PathLike, mitl: str | os.PathLike, config: str 
     return meta
 
 
+def _looks_like_bundle(folder: Path) -> bool:
+    """An earlier bundle (replaced by export): its bundle.json, or its model card and config when bundle.json
+    was removed (Snakemake removes a rule's output file, bundle.json, before rerunning export)."""
+    return (folder / "bundle.json").is_file() or ((folder / "MODEL_CARD.md").is_file()
+                                                   and (folder / "config.yaml").is_file())
+
+
 def _umask() -> int:
     u = os.umask(0)
     os.umask(u)
@@ -379,27 +424,97 @@ def _umask() -> int:
 # ------------------------------------------------------------------------------------------------ loading
 @dataclass
 class Bundle:
-    """A verified bundle: its folder, bundle.json (``meta``) and config."""
+    """A verified bundle: its folder, bundle.json (``meta``), config, and ``digest`` (SHA-256 of bundle.json,
+    which lists every file's hash: equal digests, equal bundles)."""
 
     path: Path
     meta: dict
     config: dict
+    digest: str = ""
 
     def model_file(self, name: str) -> Path:
         return self.path / self.meta["models"][name]["file"]
 
-    def load_model(self, name: str, device="cpu"):
-        """Build the network of ``name`` and load its weights (weights_only), in eval mode on ``device``."""
-        from .training.checkpoint import build_from_record, load_model_file
-
+    def record(self, name: str) -> dict:
+        """The model record of ``name`` (``model_name``, ``size``, ``options``, ``state_dict``): from its
+        safetensors file and bundle.json, or from a ``.pt`` record (earlier bundles; weights_only loading)."""
         path = self.model_file(name)
-        rec = load_model_file(path, name)
-        return build_from_record(rec, path).to(device).eval()
+        entry = self.meta["models"][name]
+        if path.suffix == ".safetensors":
+            return {"model_name": entry.get("model_name", name), "size": int(entry["size"]),
+                    "options": entry.get("options") or {}, "state_dict": load_weights(path, name)}
+        from .training.checkpoint import load_model_file
+
+        return load_model_file(path, name)
+
+    def load_model(self, name: str, device="cpu"):
+        """Build the network of ``name`` and load its weights (never unpickling code), in eval mode on
+        ``device``."""
+        from .training.checkpoint import build_for_inference
+
+        return build_for_inference(self.record(name), self.model_file(name)).to(device).eval()
+
+
+_STR = {"type": "string", "minLength": 1}
+_NUM = {"type": "number"}
+BUNDLE_SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "models", "files", "fusion", "faces", "crops", "score_rules", "config"],
+    "properties": {
+        "format": {"type": "string"},
+        "format_version": {"type": "integer"},
+        "models": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["file", "size"],
+            "properties": {"file": _STR, "size": {"type": "integer", "minimum": 1}, "options": {"type": "object"}}}},
+        "files": {"type": "object", "minProperties": 1, "additionalProperties": {
+            "type": "object", "required": ["sha256", "bytes"],
+            "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                           "bytes": {"type": "integer", "minimum": 0}}}},
+        "fusion": {"type": "object", "required": ["kernel", "threshold"],
+                   "properties": {"variant": _STR, "kernel": {"type": "integer", "minimum": 1},
+                                  "threshold": {"type": "number", "minimum": 0, "maximum": 1}}},
+        "faces": {"type": "object", "required": ["backend"],
+                  "properties": {"backend": _STR, "options": {"type": "object"}}},
+        "crops": {"type": "object", "required": ["margin", "max_face_area_fraction"],
+                  "properties": {"margin": _NUM, "max_face_area_fraction": _NUM, "expand": _NUM,
+                                 "rule": {"enum": ["release", "margin"]}}},
+        "score_rules": {"type": "object", "required": ["mitl"],
+                        "properties": {"mitl": {"type": "object", "required": ["rule", "percent"],
+                                                "properties": {"rule": _STR, "percent": _NUM}},
+                                       "fake_threshold": _NUM}},
+        "config": {"type": "object", "properties": {"file": _STR, "hash": {"type": ["string", "null"]}}},
+    },
+}
+
+
+def _check_bundle_meta(meta, bj: Path) -> None:
+    """Field types of bundle.json (one line naming the first bad field)."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(BUNDLE_SCHEMA).iter_errors(meta),
+                    key=lambda e: [str(x) for x in e.absolute_path])
+    if errors:
+        e = errors[0]
+        where = ".".join(str(x) for x in e.absolute_path) or "(top level)"
+        value = "" if e.validator == "required" else f" = {json.dumps(e.instance)[:60]}"
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise UserError(f"{bj}: {where}{value}: {e.message[:160]}{more}; re-export the bundle")
+
+
+def _inside(root: Path, rel: str, what: str, bj: Path) -> Path:
+    """``root / rel`` when it stays inside the bundle folder (after following links), else UserError."""
+    p = Path(rel)
+    resolved = (root / p).resolve()
+    if p.is_absolute() or not resolved.is_relative_to(root.resolve()):
+        raise UserError(f"{bj}: {what} = {rel!r} is outside the bundle folder {root}: every file of a bundle must "
+                        "be inside it; re-export the bundle")
+    return root / p
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read a bundle folder; with ``verify``, check every listed file's size and SHA-256 (``UserError`` naming the
-    file when one is missing or altered)."""
+    file when one is missing or altered). Field types are checked, and every path bundle.json names must stay
+    inside the bundle folder."""
     root = Path(path)
     if root.is_file() and root.name == "bundle.json":
         root = root.parent
@@ -409,7 +524,8 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     if not bj.is_file():
         raise UserError(f"{bj}: missing: {root} is not a morphfuse model bundle (run `morphfuse export`)")
     try:
-        meta = json.loads(bj.read_text())
+        raw = bj.read_bytes()
+        meta = json.loads(raw)
     except (OSError, ValueError) as e:
         raise UserError(f"{bj}: not readable JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
@@ -420,12 +536,17 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     for key in ("models", "files", "fusion", "faces", "crops", "score_rules", "config"):
         if key not in meta:
             raise UserError(f"{bj}: lacks '{key}'")
+    _check_bundle_meta(meta, bj)
     files = meta["files"]
     for name in MODEL_NAMES:
         if name not in meta["models"]:
             raise UserError(f"{bj}: lacks the {name} model")
+        _inside(root, meta["models"][name]["file"], f"models.{name}.file", bj)
         if meta["models"][name]["file"] not in files:
             raise UserError(f"{bj}: the {name} model file {meta['models'][name]['file']} has no hash")
+    _inside(root, meta["config"].get("file", "config.yaml"), "config.file", bj)
+    for rel in files:
+        _inside(root, rel, f"files[{rel!r}]", bj)
     if verify:
         for rel, info in files.items():
             p = root / rel
@@ -443,7 +564,9 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         cfg = yaml.safe_load(cfg_file.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{cfg_file}: cannot read the bundle's config ({e})") from None
-    return Bundle(root, meta, cfg)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_file}: the bundle's config is not a mapping of settings")
+    return Bundle(root, meta, cfg, hashlib.sha256(raw).hexdigest())
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -457,13 +580,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the run's tables/ folder: its ablation.md goes into the bundle and the model card")
     p.add_argument("--manifest", default=None, metavar="manifest.parquet",
                    help="the run's manifest: counts per split and method go into the model card")
+    p.add_argument("--thresholds", default=None, metavar="JSON",
+                   help="thresholds fitted on val (`morphfuse thresholds`): the bundle's mask and score thresholds "
+                        "(detect uses them); without it, the config's")
     p.add_argument("--no-check", action="store_true",
                    help="do not rebuild the networks to check that the weights load (faster)")
 
 
 def run(args: argparse.Namespace) -> int:
     meta = export_bundle(args.lfdl, args.mitl, args.config, args.out, tables=args.tables, manifest=args.manifest,
-                         check=not args.no_check)
+                         check=not args.no_check, thresholds=args.thresholds)
     total = sum(v["bytes"] for v in meta["files"].values())
     log.info("bundle: %d files, %.1f MB -> %s (MODEL_CARD.md, bundle.json)", len(meta["files"]), total / 1e6,
              args.out)

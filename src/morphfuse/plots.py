@@ -43,9 +43,20 @@ def _save(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     plt.close(fig)
 
 
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes, so that it never covers a curve (the saved figure is cropped to
+    include it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
+
+
 def roc_figure(score_sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
                title: str = "ROC") -> None:
-    """One ROC curve per named ``(labels, scores)`` set, AUC in the legend; one-class sets are listed as such."""
+    """One ROC curve per named ``(labels, scores)`` set, AUC in the legend (outside the axes); one-class sets are
+    listed as such."""
+    _save(_roc_fig(score_sets, title), path)
+
+
+def _roc_fig(score_sets, title: str = "ROC"):
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="0.8", lw=1, ls="--")
     for name, (labels, scores) in score_sets.items():
@@ -56,14 +67,19 @@ def roc_figure(score_sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str |
         fpr, tpr = thin_curve(*roc_curve(labels, scores))
         ax.plot(fpr, tpr, lw=1.5, label=f"{name}: AUC {auc:.4f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return fig
 
 
 def pr_figure(score_sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
               title: str = "Precision-recall") -> None:
-    """One precision-recall curve per named ``(labels, scores)`` set (fake is the positive class), AP in the legend."""
+    """One precision-recall curve per named ``(labels, scores)`` set (fake is the positive class), AP in the legend
+    (outside the axes)."""
+    _save(_pr_fig(score_sets, title), path)
+
+
+def _pr_fig(score_sets, title: str = "Precision-recall"):
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (labels, scores) in score_sets.items():
         ap = average_precision(labels, scores)
@@ -73,9 +89,9 @@ def pr_figure(score_sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str | 
         recall, precision = thin_curve(*pr_curve(labels, scores))
         ax.step(recall, precision, where="post", lw=1.5, label=f"{name}: AP {ap:.4f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=title)
-    ax.legend(loc="lower left", fontsize=8)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return fig
 
 
 @dataclass
@@ -110,7 +126,13 @@ def _thumb(arr: np.ndarray | None, max_side: int, mask: bool) -> np.ndarray | No
 
 def qualitative_panel(rows: list[PanelRow], path: str | os.PathLike, fused_name: str = "fused",
                       max_side: int = 256) -> None:
-    """A grid, one image per row: image | ground truth | LFDL | MITL | fused (binary masks, white = manipulated)."""
+    """A grid, one image per row: image | ground truth | LFDL | MITL | fused (binary masks, white = manipulated).
+    Rows are labelled #1, #2, ... (horizontal, beside the row); a key under the grid gives each row's image id and
+    label, so long ids never overlap."""
+    _save(_panel_fig(rows, fused_name, max_side), path)
+
+
+def _panel_fig(rows: list[PanelRow], fused_name: str = "fused", max_side: int = 256):
     if not rows:
         raise ValueError("qualitative_panel needs at least one row")
     cols = PANEL_COLUMNS[:-1] + (fused_name,)
@@ -132,9 +154,11 @@ def qualitative_panel(rows: list[PanelRow], path: str | os.PathLike, fused_name:
             note = r.notes.get(name if j < 4 else "fused")
             if note:
                 ax.set_xlabel(note, fontsize=8)
-        axes[i, 0].set_ylabel(f"{r.image_id}\n{r.label}".strip(), fontsize=7)
+        axes[i, 0].set_ylabel(f"#{i + 1}", rotation=0, fontsize=11, ha="right", va="center", labelpad=6)
     fig.tight_layout()
-    _save(fig, path)
+    key = "\n".join(f"#{i + 1}  {r.image_id}" + (f"  ({r.label})" if r.label else "") for i, r in enumerate(rows))
+    fig.text(0.01, -0.005, key, ha="left", va="top", fontsize=8, family="monospace")
+    return fig
 
 
 def message_figure(text: str, path: str | os.PathLike) -> None:

@@ -2,8 +2,8 @@
 
 - LFDL: each face crop gets a score and a map: the pixel head's S×S map (default, ``lfdl.mask_head: pixel``, as
   the IJCAI release submits) or the G×G patch map (``mask_head: patch``); the map is resized (bilinear) to its crop
-  box and pasted into a zero canvas of the original size with max. Image score (the release's rule): the mean of the face
-  scores ≥ 0.5 if any, else the mean of all face scores (an image without a face has one whole-image crop).
+  box and pasted into a zero canvas of the original size with max. Image score (the release's rule): the mean of the
+  face scores ≥ 0.5 if any, else the mean of all face scores (an image without a face has one whole-image crop).
 - MITL: the mask is resized (bilinear) back to the original size; the image score comes from the mask
   (``max``, or the mean of the ``top_percent`` highest pixel probabilities), computed on the stored values
   (v/255), so that scoring a mask read back from the PNG gives the same number.
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 
 from .errors import UserError
@@ -85,9 +84,41 @@ def mask_score(prob: np.ndarray, rule: str = "top_percent", percent: float = 1.0
     raise ValueError(f"score rule {rule!r}: expected one of {', '.join(SCORE_RULES)}")
 
 
+def mask_score_u8(values: np.ndarray, rule: str = "top_percent", percent: float = 1.0) -> float:
+    """:func:`mask_score` of stored values ``v / 255`` (uint8), from their histogram: no full-size float copy.
+
+    ``max``: max(v) / 255; ``top_percent``: the mean of the top k values (k as in :func:`mask_score`), summed
+    exactly in integers and divided once (equal to ``mask_score(v / 255)`` up to float rounding, ~1e-16).
+    """
+    v = np.asarray(values)
+    if v.dtype != np.uint8:
+        raise ValueError(f"mask_score_u8 expects uint8 values, got {v.dtype}")
+    n = v.size
+    if n == 0:
+        return 0.0
+    if rule == "max":
+        return float(int(v.max()) / 255.0)
+    if rule != "top_percent":
+        raise ValueError(f"score rule {rule!r}: expected one of {', '.join(SCORE_RULES)}")
+    k = max(1, int(math.ceil(n * float(percent) / 100.0)))
+    flat = v.reshape(-1)
+    counts = np.zeros(256, np.int64)
+    for i in range(0, n, 1 << 20):  # bincount widens its input to int64: a chunk at a time
+        counts += np.bincount(flat[i:i + (1 << 20)], minlength=256)
+    total, left = 0, k
+    for value in range(255, -1, -1):
+        take = min(int(counts[value]), left)
+        total += take * value
+        left -= take
+        if left == 0:
+            break
+    return float(total / (255 * k))
+
+
 def lfdl_image_prob(face_scores, patch_maps, crop_boxes, hw) -> tuple[float, np.ndarray]:
     """One image's LFDL score and full-size probability map from its crops (one or more, in the same order):
-    ``face_scores`` (n,), ``patch_maps`` (n, M, M: S×S pixel maps or G×G patch maps), ``crop_boxes`` (n × (x0, y0, x1, y1), original px), ``hw`` =
+    ``face_scores`` (n,), ``patch_maps`` (n, M, M: S×S pixel maps or G×G patch maps), ``crop_boxes``
+    (n × (x0, y0, x1, y1), original px), ``hw`` =
     (H, W). Each map is pasted (:func:`paste_patch_map`, max) into a zero H×W float32 canvas; the score is
     :func:`image_score_release` of the crop scores. Returns ``(score, prob)``."""
     h, w = (int(v) for v in hw)
@@ -105,8 +136,9 @@ def mitl_image_prob(prob_map, hw, rule: str = "top_percent", percent: float = 1.
     (:func:`resize_prob`) to ``hw`` = (H, W) and clipped to [0, 1]; the score is :func:`mask_score` of the stored
     values round(255·p)/255, so scoring the PNG read back gives the same number. Returns ``(score, prob)``."""
     h, w = (int(v) for v in hw)
-    prob = np.clip(resize_prob(prob_map, h, w), 0.0, 1.0)
-    return mask_score(prob_to_uint8(prob) / 255.0, rule, percent), prob
+    prob = resize_prob(prob_map, h, w)
+    np.clip(prob, 0.0, 1.0, out=prob)
+    return mask_score_u8(prob_to_uint8(prob), rule, percent), prob
 
 
 # ---------------------------------------------------------------------------------------- resumable output
@@ -151,6 +183,7 @@ class ScoreLog:
         self.fh.flush()
 
     def finalize(self, order: list[str]) -> None:
+        import pandas as pd
         self.fh.close()
         ids = [i for i in order if i in self.scores]
         write_csv(self.final, pd.DataFrame({"image_id": ids, "score": [self.scores[i] for i in ids]}))
@@ -200,6 +233,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
                   score_rule: str = "top_percent", score_percent: float = 1.0,
                   device: torch.device | str = "cpu", progress: bool = False) -> dict:
     """Predict every image of a manifest shard that has feature entries. Returns counts."""
+    import pandas as pd
     from .features import open_feature_shard
 
     if model_name not in PRECOMPUTED:
@@ -307,15 +341,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="this shard's manifest (.parquet)")
     p.add_argument("--out", required=True, help="output folder: scores.csv, masks/, ledger.csv")
     p.add_argument("--config", default=None, help="config.yaml or inline JSON (the MITL score rule: mitl.score)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--score-rule", choices=SCORE_RULES, default=None,
                    help="MITL image score from its mask (default: --config's mitl.score.rule, else the schema's)")
     p.add_argument("--score-percent", type=float, default=None,
                    help="top_percent's percentage (default: --config's mitl.score.percent, else the schema's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the network runs (default: auto = cuda if available)")
     p.add_argument("--model-factory", default=None, metavar="MODULE:CALLABLE",
                    help="build the network with this callable instead of morphfuse.models.build_model (tests)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def run(args: argparse.Namespace) -> int:

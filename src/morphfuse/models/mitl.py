@@ -338,7 +338,8 @@ class MITL(nn.Module):
     """Whole-image tampering localisation; ``forward``/``loss``/``predict_proba`` follow docs/CONTRACTS.md.
 
     Options (the config's ``mitl:`` block): ``low_band`` ('l_shape' | 'square'), ``pretrained`` ({convnext,
-    segformer}: each scratch / null, a local file or folder, or a hub id in the local cache; models/pretrained.py), ``score`` ({rule: 'max' | 'top_percent', percent}),
+    segformer}: each scratch / null, a local file or folder, or a hub id in the local cache; models/pretrained.py),
+    ``score`` ({rule: 'max' | 'top_percent', percent}),
     ``drop_path`` (MiT stochastic depth, 0.1). ``gpus``, ``paper`` and ``train`` are accepted and ignored.
     """
 

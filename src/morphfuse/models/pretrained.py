@@ -28,7 +28,6 @@ deliberately drops), is an error listing the missing and unexpected keys.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import re
@@ -224,12 +223,6 @@ def strict_report(option: str, path, what: str, missing: Iterable[str], unexpect
                     f"{option}: {SCRATCH}")
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- planning check
@@ -291,8 +284,11 @@ def _table() -> str:
     rows = ["| weight | config key | id (paper.yaml) | file | SHA-256 | the release loads |",
             "|---|---|---|---|---|---|"]
     for w in WEIGHTS.values():
-        rows.append(f"| {w.what} | `{w.option}` | `{w.hub_id}` | {w.file} | {w.sha256 or 'not found offline; `weights download` writes it to SHA256SUMS'}"
-                    f" | {w.release_file} |")
+        rows.append(
+            f"| {w.what} | `{w.option}` | `{w.hub_id}` | {w.file} | "
+            f"{w.sha256 or 'not found offline; `weights download` writes it to SHA256SUMS'}"
+            f" | {w.release_file} |"
+        )
     return "\n".join(rows)
 
 
@@ -360,7 +356,9 @@ def download(dest: str | os.PathLike, only: list[str] | None = None) -> dict[str
         except Exception as e:  # noqa: BLE001 - offline, proxy, DNS, HTTP errors: all one line for the user
             raise _fail(w, e) from None
         for f in files:
-            sums.append(f"{sha256_of(f)}  {f.relative_to(dest)}")
+            from ..imageio import sha256_file
+
+            sums.append(f"{sha256_file(f)}  {f.relative_to(dest)}")
         got[key] = files[0] if w.key == "xception" else files[0].parent
         log.info("%s -> %s", w.hub_id, got[key])
     write_text_atomic(dest / "SHA256SUMS", "\n".join(sums) + "\n")
