@@ -208,7 +208,7 @@ def test_cli_fuse_end_to_end(tmp_path, capsys, variant):
     rc = main(["fuse", "--lfdl-masks", str(lf), "--mitl-masks", str(mi), "--out", str(out), "--variant", variant,
                "--kernel", "3", "--ledger", str(led)])
     assert rc == 1
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # hidden: run record, lock
     assert written == ["a.png", "b.png", "c.png"]  # good ones written, nothing else (no temp files left)
     for name, (a, b) in pairs.items():
         img = Image.open(out / f"{name}.png")
@@ -234,9 +234,13 @@ def test_cli_fuse_ids_and_errors(tmp_path, capsys):
     out = tmp_path / "out"
     base = ["fuse", "--lfdl-masks", str(lf), "--mitl-masks", str(mi), "--out", str(out)]
     assert main(base + ["--variant", "closing_or", "--ids", str(ids)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["a.png", "b.png"]
     a, b = pairs["a"]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")) == 255, ref_fuse(a, b, "closing_or", 5, 0.5))
+    # another variant into the same --out would mix two runs' masks: refused (exit 2), the folder untouched
+    assert main(base + ["--variant", "mdmf", "--ids", str(ids)]) == 2
+    assert "another run" in capsys.readouterr().err
+    base = ["fuse", "--lfdl-masks", str(lf), "--mitl-masks", str(mi), "--out", str(tmp_path / "out_mdmf")]
     # an id listed but absent from both folders is an error too; --allow-errors exits 0 but still lists it
     ids.write_text("a\nzzz\n../a\n")
     assert main(base + ["--variant", "mdmf", "--ids", str(ids)]) == 1

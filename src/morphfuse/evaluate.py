@@ -11,23 +11,40 @@ Two modes, one image in memory at a time:
      morphfuse evaluate --manifest SHARD.parquet --pred-masks DIR --scores CSV --out-counts FILE.parquet
                         [--variant NAME] [--split test] [--ledger CSV]
    writes the per-image rows only; `morphfuse tables` reduces them (and may apply other conventions).
+3. A baseline instead of a prediction set (either mode; ``--baseline`` replaces --pred-masks and --scores):
+     morphfuse evaluate --manifest SHARD.parquet --baseline face --crops CROPS.parquet --out-counts FILE.parquet
+   ``face``: the predicted mask of an image is the union of its face crops (``morphfuse crops``: the boxes LFDL
+   sees, whole-image crops included), ``all``: the whole image; the score of every image is 0.5. These are what
+   a detector that knows only where the faces are scores: the prior the ablation rows are read against. With
+   --crops (required for ``face``, optional for ``all``), an image without a crop row is an error, as it has no
+   model prediction either: the baselines are then evaluated on the images the models saw.
 
-Inputs: scores CSV with columns image_id,score (score in [0, 1]); predicted masks ``<image_id>.png`` holding
-probabilities ``v = round(255·p)`` or binary 0/255, binarised ``v / 255 >= --threshold``; ground truth ``> 127``.
-A prediction of another size than its image is resized with nearest neighbour (counted as ``n_resized``).
+Inputs: scores CSV with columns image_id,score (score in [0, 1]; a file or a pipe); predicted masks
+``<image_id>.png`` holding probabilities ``v = round(255·p)`` or binary 0/255, binarised ``v / 255 >= --threshold``
+(maps that hold only 0 and 1 are probabilities below 1/255 by that contract: noted once in the ledger); ground
+truth read by ``imageio.read_mask``, one reader for every encoding (0/255, 0/1 (noted once in the ledger),
+palette, 16-bit, colour), never silently empty. A prediction of another size than its image is resized with
+nearest neighbour (counted as ``n_resized``).
 
 Per-image rows (both modes): image_id, label, score, group, method, source, split, variant, width, height,
 TP, FP, FN, TN (pixels, every image, reals included: their ground truth is empty), f1, iou (per image, under the
 --iou/--empty convention), threshold, resized, ok, error.
 
 Errors (missing score or predicted mask, a fake without a ground-truth mask, a mask of another size than its
-image, an unreadable file, an image_id clash) are listed at the end, written to the ledger and make the exit
-status 1 (``--allow-errors``: 0). An image with an error is left out of EVERY metric (so detection and
-localization are computed on the same images); all the others are evaluated.
+image, an unreadable file, an image_id clash, the same bytes in real/ and fake/ (sizes compared first, only files
+of equal size hashed)) are listed at the end, written to the ledger and make the exit status 1
+(``--allow-errors``: 0). An image with an error is left out of EVERY metric (so detection and localization are
+computed on the same images); all the others are evaluated. ``note:`` lines do not change the exit status.
+
+``--out`` (dataset mode) belongs to one evaluation (dataset, predictions, scores, variant, conventions; recorded in
+``--out/.morphfuse-run.json``): another evaluation's outputs there are refused (exit 2) unless ``--overwrite``; the
+same command rewrites them. Its four files are written together: all of them are replaced or none (a full disk:
+exit 3, one line, the old files intact).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -42,14 +59,19 @@ import pandas as pd
 
 from .errors import UserError
 from .fusion import read_gt, read_u8, threshold_to_uint8
-from .imageio import BadImageError, header_size, walk_images, write_parquet, write_text_atomic
+from .inputs import read_parquet_arg, read_text_arg
+from .imageio import BadImageError, EncodingNotes, MaskNotes, ProbNotes, check_prob_encoding, header_size, \
+    identical_files, walk_images, write_parquet
 from .ledger import Ledger
+from .outdir import commit_files
 from .metrics import AVERAGING, EMPTY, IMAGES, IOU, Convention, f1_from_counts, iou_from_counts, summarize
 from .metrics import resize_nearest
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
 MANIFEST_COLUMNS = ("image_id", "root", "path", "label", "mask_path", "group")
+BASELINES = ("face", "all")
+BASELINE_SCORE = 0.5
 ROW_COLUMNS = ["image_id", "label", "score", "group", "method", "source", "split", "variant", "width", "height",
                "TP", "FP", "FN", "TN", "f1", "iou", "threshold", "resized", "ok", "error"]
 
@@ -71,6 +93,12 @@ class Item:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def detection_scores_of(variant: str) -> str:
+    """Whose image scores a fusion variant is evaluated with: LFDL's (the paper: detection comes from LFDL), except
+    the ``mitl`` row, which scores images from its own mask."""
+    return "mitl" if variant == "mitl" else "lfdl"
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` of an image as displayed, from its header only (:func:`imageio.header_size`)."""
     w, h = header_size(path)
@@ -79,10 +107,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 def read_scores(path: Path) -> dict[str, float | str]:
     """``image_id -> score`` from a CSV with columns image_id,score; an unusable score maps to its reason (str)."""
-    if not Path(path).is_file():
-        raise UserError(f"--scores {path}: file not found")
+    import io
+
+    text = read_text_arg(path, "--scores")
     try:
-        df = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+        df = pd.read_csv(io.StringIO(text), dtype={"image_id": str}, keep_default_na=False)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--scores {path}: not a readable CSV ({e})") from None
     missing = [c for c in ("image_id", "score") if c not in df.columns]
@@ -109,8 +138,11 @@ def read_scores(path: Path) -> dict[str, float | str]:
 
 
 def evaluate_item(item: Item, pred_path: Path, score: float | str | None, threshold: float,
-                  iou: str, empty: str) -> tuple[dict, list[tuple[str, str]]]:
-    """Count one image. Returns its row and its errors ``[(path, reason), ...]`` (row['ok'] False if any)."""
+                  iou: str, empty: str, gt_notes: EncodingNotes | None = None,
+                  pred_notes: EncodingNotes | None = None, baseline=None) -> tuple[dict, list[tuple[str, str]]]:
+    """Count one image. Returns its row and its errors ``[(path, reason), ...]`` (row['ok'] False if any).
+    ``gt_notes`` / ``pred_notes`` count ground truths stored as 0/1 and predictions holding only 0 and 1.
+    ``baseline`` (a :class:`Baseline`) replaces the predicted mask file: its mask for the image is evaluated."""
     row = {"image_id": item.image_id, "label": int(item.label),
            "score": score if isinstance(score, float) else math.nan,
            "group": item.group or item.image_id, "method": item.method, "source": item.source,
@@ -123,8 +155,11 @@ def evaluate_item(item: Item, pred_path: Path, score: float | str | None, thresh
         errors.append((str(item.image_path), "no score for this image in the scores CSV"))
     elif isinstance(score, str):
         errors.append((str(item.image_path), score))
-    if not pred_path.is_file():
+    if baseline is None and not pred_path.is_file():
         errors.append((str(pred_path), "no predicted mask for this image"))
+    elif baseline is not None and baseline.missing(item.image_id):
+        errors.append((str(baseline.crops_path), "no face crop for this image (the crops stage left it out: see "
+                                                 "its ledger)"))
     if errors:
         return row, errors
     try:
@@ -132,14 +167,18 @@ def evaluate_item(item: Item, pred_path: Path, score: float | str | None, thresh
         if item.label == 1:
             if item.gt_path is None:
                 return row, [(str(item.image_path), "fake image without a ground-truth mask")]
-            gt = read_gt(item.gt_path)
+            gt = read_gt(item.gt_path, gt_notes)
             hw = item.hw if item.hw is not None else image_size(item.image_path)
             if tuple(gt.shape) != tuple(hw):
                 return row, [(str(item.gt_path), f"ground-truth mask is {gt.shape[1]}x{gt.shape[0]} but its image "
                                                  f"is {hw[1]}x{hw[0]}")]
         else:
             hw = item.hw if item.hw is not None else image_size(item.image_path)
-        pred_u8 = read_u8(pred_path)
+        if baseline is None:
+            pred_u8 = read_u8(pred_path)
+            check_prob_encoding(pred_u8, pred_path, pred_notes)
+        else:
+            pred_u8 = baseline.mask(item.image_id, (int(hw[0]), int(hw[1])))
     except BadImageError as e:
         return row, [(e.path, e.reason)]
     c = threshold_to_uint8(threshold)
@@ -162,19 +201,54 @@ def evaluate_item(item: Item, pred_path: Path, score: float | str | None, thresh
     return row, []
 
 
-def evaluate_items(items, pred_dir: Path, scores: dict[str, float | str], threshold: float, iou: str, empty: str,
-                   ledger: Ledger, variant: str = "") -> pd.DataFrame:
+class Baseline:
+    """The predicted masks of a baseline (``--baseline``): ``face`` paints the image's face crops (boxes in original
+    pixels, half-open, clipped to the image), ``all`` the whole image. Every image's score is :data:`BASELINE_SCORE`."""
+
+    def __init__(self, kind: str, crops_path: Path | None = None):
+        if kind not in BASELINES:
+            raise UserError(f"--baseline {kind!r}: expected one of {', '.join(BASELINES)}")
+        self.kind, self.crops_path = kind, crops_path
+        self.boxes: dict[str, list[tuple[int, int, int, int]]] | None = None
+        if kind == "face" and crops_path is None:
+            raise UserError("--baseline face needs --crops CROPS.parquet (the `morphfuse crops` output)")
+        if crops_path is not None:
+            df = read_parquet_arg(crops_path, "--crops", ("image_id", "x0", "y0", "x1", "y1"))
+            self.boxes = {}
+            for r in df.itertuples(index=False):
+                self.boxes.setdefault(str(r.image_id), []).append((int(r.x0), int(r.y0), int(r.x1), int(r.y1)))
+
+    def missing(self, image_id: str) -> bool:
+        return self.boxes is not None and image_id not in self.boxes
+
+    def mask(self, image_id: str, hw: tuple[int, int]) -> np.ndarray:
+        """The 0/255 mask of the image (``hw`` = its height, width)."""
+        if self.kind == "all":
+            return np.full(hw, 255, np.uint8)
+        m = np.zeros(hw, np.uint8)
+        for x0, y0, x1, y1 in self.boxes[image_id]:
+            m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 255
+        return m
+
+
+def evaluate_items(items, pred_dir: Path | None, scores: dict[str, float | str], threshold: float, iou: str,
+                   empty: str, ledger: Ledger, variant: str = "", baseline: Baseline | None = None) -> pd.DataFrame:
+    """Rows of every item; with ``baseline``, its masks and the constant score replace ``pred_dir`` and ``scores``."""
     rows = []
     t0 = time.perf_counter()
+    gt_notes, pred_notes = MaskNotes("ground-truth mask"), ProbNotes("predicted mask")
     for item in items:
-        row, errors = evaluate_item(item, pred_dir / f"{item.image_id}.png", scores.get(item.image_id),
-                                    threshold, iou, empty)
+        pred_path = Path(pred_dir or ".") / f"{item.image_id}.png"
+        score = BASELINE_SCORE if baseline is not None else scores.get(item.image_id)
+        row, errors = evaluate_item(item, pred_path, score, threshold, iou, empty, gt_notes, pred_notes, baseline)
         for path, reason in errors:
             ledger.add(item.image_id, path, reason)
         row["variant"] = variant
         row["ok"] = not errors
         row["error"] = "; ".join(r for _, r in errors)
         rows.append(row)
+    gt_notes.write(ledger)
+    pred_notes.write(ledger)
     dt = time.perf_counter() - t0
     log.info("evaluated %d images in %.1f s (%.1f images/s)", len(rows), dt, len(rows) / dt if dt > 0 else math.nan)
     return rows_frame(rows)
@@ -206,8 +280,9 @@ def summarize_frame(df: pd.DataFrame, convention: Convention, score_threshold: f
 
 
 # ---------------------------------------------------------------------------------------- DDL-I split folder
-def dataset_items(root: Path) -> list[Item]:
-    """The images of a DDL-I split folder; a listing problem (clash, missing mask) is the item's ``error``."""
+def dataset_items(root: Path, problems: list | None = None) -> list[Item]:
+    """The images of a DDL-I split folder; a listing problem (clash, missing mask) is the item's ``error``.
+    Problems of the walk (link loops, dangling links) are appended to ``problems`` as ``(path, reason)``."""
     real_dir, fake_dir = root / "real", root / "fake"
     if not real_dir.is_dir() and not fake_dir.is_dir():
         raise UserError(f"--dataset {root}: expected a split folder in DDL-I layout with real/ and/or fake/ "
@@ -215,15 +290,26 @@ def dataset_items(root: Path) -> list[Item]:
     mask_dirs = [d for d in (root / "masks", root / "mask") if d.is_dir()]
     masks: dict[str, list[Path]] = {}
     for d in mask_dirs:
-        for p in walk_images(d):
+        for p in walk_images(d, problems):
             masks.setdefault(p.stem, []).append(p)
     listed: dict[str, list[tuple[int, Path]]] = {}
     for label, d in ((0, real_dir), (1, fake_dir)):
         if d.is_dir():
-            for p in walk_images(d):
+            for p in walk_images(d, problems):
                 listed.setdefault(p.stem, []).append((label, p))
     if listed and any(lab == 1 for v in listed.values() for lab, _ in v) and not mask_dirs:
         log.warning("%s has fake images but neither masks/ nor mask/: every fake will be listed as an error", root)
+    # The same bytes in real/ and fake/: one label is wrong, so neither copy is evaluated.
+    singles = [(image_id, v[0]) for image_id, v in sorted(listed.items()) if len(v) == 1]
+    identical: dict[str, str] = {}
+    for group in identical_files([p for _, (_, p) in singles]):
+        labels = {singles[i][1][0] for i in group}
+        if labels == {0, 1}:
+            for i in group:
+                lab = singles[i][1][0]
+                other = next(singles[j][1][1] for j in group if singles[j][1][0] != lab)
+                identical[singles[i][0]] = (f"byte-identical to {other} in {'fake' if lab == 0 else 'real'}/: an "
+                                            "image cannot be real and fake; both copies left out")
     items = []
     for image_id in sorted(listed):
         entries = listed[image_id]
@@ -237,7 +323,9 @@ def dataset_items(root: Path) -> list[Item]:
         label, p = entries[0]
         item = Item(image_id=image_id, label=label, image_path=p, gt_path=None, group=image_id,
                     method="real" if label == 0 else "fake", source=root.name, split=root.name)
-        if label == 1:
+        if image_id in identical:
+            item.error = identical[image_id]
+        elif label == 1:
             m = masks.get(image_id, [])
             if len(m) == 1:
                 item.gt_path = m[0]
@@ -252,15 +340,7 @@ def dataset_items(root: Path) -> list[Item]:
 
 # -------------------------------------------------------------------------------------------- manifest shard
 def manifest_items(path: Path, split: str) -> list[Item]:
-    if not path.is_file():
-        raise UserError(f"--manifest {path}: file not found")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--manifest {path}: not a readable Parquet file ({e})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"--manifest {path}: missing column(s) {', '.join(missing)} (see docs/CONTRACTS.md)")
+    df = read_parquet_arg(path, "--manifest", MANIFEST_COLUMNS)
     if split != "all" and "split" in df.columns:
         df = df[df["split"].astype(str) == split]
     items = []
@@ -361,9 +441,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset", type=Path, metavar="DIR",
                      help="a split folder in DDL-I layout (real/, fake/, masks/ or mask/)")
     src.add_argument("--manifest", type=Path, metavar="SHARD.parquet", help="a manifest shard (workflow mode)")
-    p.add_argument("--pred-masks", required=True, type=Path, metavar="DIR", help="predicted masks <image_id>.png")
-    p.add_argument("--scores", required=True, type=Path, metavar="CSV", help="image scores: image_id,score")
+    p.add_argument("--pred-masks", type=Path, metavar="DIR", help="predicted masks <image_id>.png")
+    p.add_argument("--scores", type=Path, metavar="CSV", help="image scores: image_id,score")
+    p.add_argument("--baseline", choices=BASELINES,
+                   help="evaluate a baseline instead of --pred-masks/--scores: face = the image's face crops "
+                        "(needs --crops), all = the whole image; score 0.5 for every image")
+    p.add_argument("--crops", type=Path, metavar="CROPS.parquet",
+                   help="(--baseline) the face crops of the images (`morphfuse crops` output): the face baseline's "
+                        "mask; an image without a crop row is an error (it has no model prediction either)")
     p.add_argument("--out", type=Path, metavar="DIR", help="(--dataset) output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="(--dataset) --out holds another evaluation's outputs: replace them (without it such an "
+                        "--out is refused)")
     p.add_argument("--out-counts", type=Path, metavar="FILE.parquet", help="(--manifest) per-image rows")
     p.add_argument("--variant", default="", help="name recorded in the rows (e.g. mdmf), read by `morphfuse tables`")
     p.add_argument("--split", default=default("evaluate.split"),
@@ -384,44 +473,82 @@ def convention_from_args(args) -> Convention:
 
 def run(args: argparse.Namespace) -> int:
     conv = convention_from_args(args)
-    if not args.pred_masks.is_dir():
+    baseline = None
+    if args.baseline is not None:
+        if args.pred_masks is not None or args.scores is not None:
+            raise UserError("--baseline replaces --pred-masks and --scores: give either, not both")
+        baseline = Baseline(args.baseline, args.crops)
+    elif args.pred_masks is None or args.scores is None:
+        raise UserError("give --pred-masks DIR and --scores CSV (or --baseline face|all)")
+    elif not args.pred_masks.is_dir():
         raise UserError(f"--pred-masks {args.pred_masks}: not a folder")
     ledger = Ledger(STAGE)
     if args.dataset is not None:
         if args.out is None:
             raise UserError("--dataset needs --out DIR")
-        items = dataset_items(args.dataset)
+        walk_problems: list = []
+        items = dataset_items(args.dataset, walk_problems)
+        for path, reason in walk_problems:
+            ledger.add(Path(path).stem, path, reason)
     else:
         if args.out_counts is None:
             raise UserError("--manifest needs --out-counts FILE.parquet")
         items = manifest_items(args.manifest, args.split)
-    scores = read_scores(args.scores)
+    scores = read_scores(args.scores) if baseline is None else {}
     known = {it.image_id for it in items}
     n_extra = sum(1 for k in scores if k not in known)
     if n_extra and args.dataset is not None:
         log.warning("%d score rows name images that are not in %s (ignored)", n_extra, args.dataset)
-    df = evaluate_items(items, args.pred_masks, scores, conv.threshold, conv.iou, conv.empty, ledger, args.variant)
     if args.dataset is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_parquet(args.out / "per_image.parquet", df)
-        ledger.write(args.out / "ledger.csv")
-        m = summarize_frame(df, conv, args.score_threshold)
-        m["variant"] = args.variant
-        m["n_ledger_rows"] = len(ledger)
-        m["inputs"] = {"dataset": str(args.dataset), "pred_masks": str(args.pred_masks), "scores": str(args.scores)}
-        write_text_atomic(args.out / "metrics.json", json.dumps(_clean(m), indent=2, default=_json_default) + "\n")
-        title = f"Evaluation of {args.variant or args.pred_masks} on {args.dataset}"
-        write_text_atomic(args.out / "metrics.md", metrics_markdown(m, title))
+        from .outdir import RunFolder
+
+        settings = {"dataset": os.path.abspath(args.dataset),
+                    "pred_masks": os.path.abspath(args.pred_masks) if baseline is None else None,
+                    "scores": os.path.abspath(args.scores) if baseline is None else None,
+                    "baseline": args.baseline, "crops": os.path.abspath(args.crops) if args.crops else None,
+                    "variant": args.variant,
+                    "convention": dataclasses.asdict(conv),
+                    "score_threshold": args.score_threshold}
+        with RunFolder(args.out, STAGE, _jsonable(settings), OUT_FILES, overwrite=args.overwrite):
+            df = evaluate_items(items, args.pred_masks, scores, conv.threshold, conv.iou, conv.empty, ledger,
+                                args.variant, baseline)
+            m = summarize_frame(df, conv, args.score_threshold)
+            m["variant"] = args.variant
+            m["n_ledger_rows"] = len(ledger)
+            m["inputs"] = {"dataset": str(args.dataset), "pred_masks": str(args.pred_masks),
+                           "scores": str(args.scores), "baseline": args.baseline}
+            title = (f"Evaluation of {args.variant or args.pred_masks or 'baseline ' + str(args.baseline)} on "
+                     f"{args.dataset}")
+            metrics_json = json.dumps(_clean(m), indent=2, default=_json_default) + "\n"
+            commit_files([
+                (args.out / "per_image.parquet", lambda tmp: df.to_parquet(tmp, index=False)),
+                (args.out / "ledger.csv", lambda tmp: ledger.frame().to_csv(tmp, index=False)),
+                (args.out / "metrics.json", lambda tmp: Path(tmp).write_text(metrics_json)),
+                (args.out / "metrics.md", lambda tmp: Path(tmp).write_text(metrics_markdown(m, title))),
+            ])
         log.info("AUC %s  F1 %s  IoU %s  Final %s (%d images, %d errors)", _fmt(m["auc"]), _fmt(m["f1"]),
                  _fmt(m["iou"]), _fmt(m["final"]), m["n_images"], m["n_errors"])
     else:
+        df = evaluate_items(items, args.pred_masks, scores, conv.threshold, conv.iou, conv.empty, ledger, args.variant,
+                            baseline)
         write_parquet(args.out_counts, df)
         if args.ledger is not None:
             ledger.write(args.ledger)
-    if len(ledger):
-        print(f"morphfuse evaluate: {len(ledger)} problem(s); the images concerned are left out of the metrics:",
+    notes = [r for r in ledger.rows if r["reason"].startswith(("note:", "warning:"))]
+    for r in notes:
+        print(f"morphfuse evaluate: {r['reason']}", file=sys.stderr)
+    if ledger.n_errors:
+        print(f"morphfuse evaluate: {ledger.n_errors} problem(s); the images concerned are left out of the metrics:",
               file=sys.stderr)
         for r in ledger.rows:
-            print(f"  {r['image_id']}: {r['path']}: {r['reason']}", file=sys.stderr)
+            if r not in notes:
+                print(f"  {r['image_id']}: {r['path']}: {r['reason']}", file=sys.stderr)
         return 0 if args.allow_errors else 1
     return 0
+
+
+OUT_FILES = ["per_image.parquet", "ledger.csv", "metrics.json", "metrics.md"]
+
+
+def _jsonable(o):
+    return json.loads(json.dumps(o, default=str))

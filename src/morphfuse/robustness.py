@@ -1,11 +1,12 @@
 """The robustness table and plot: every fusion variant's ablation row under every perturbation of the sweep.
 
 Input: one ``ablation.csv`` per perturbation (the ``tables`` stage run on the perturbed test images, with its
-bootstrap intervals over identities), named by ``--ablation ID=CSV`` where ID is the perturbation id (``none``
-for the clean images, ``jpeg_70``, ``downscale_0.5``, ...). Output in ``--out``: ``robustness.csv`` (one row per
-variant × perturbation: kind, level, AUC, F1, IoU, Final with their 95 % intervals), ``robustness.md`` (Final with
-its interval, variants as rows, perturbations as columns; then AUC / F1 / IoU) and ``--figure`` (one panel per
-perturbation kind: Final against level, one line per variant, the clean value at the left end, interval bands).
+bootstrap intervals over identities), named by ``--ablation ID=CSV`` where ID is the perturbation id (``none`` for
+the clean images, ``jpeg_70``, ``downscale_0.5``, ...). Output in ``--out``: ``robustness.csv`` (and the same as
+``robustness.html``; one row per variant × perturbation: kind, level, AUC, F1, IoU, Final with their 95 % intervals),
+``robustness.md`` (Final with its interval, variants as rows, perturbations as columns; then AUC / F1 / IoU) and
+``--figure`` (one panel per perturbation kind: Final against level, one line per variant, the clean value at the left
+end, interval bands).
 
 Example:
   morphfuse robustness --ablation none=tables/ablation.csv jpeg_70=robustness/jpeg_70/tables/ablation.csv \\
@@ -142,11 +143,19 @@ def robustness_figure(long: pd.DataFrame, out: Path) -> Path:
     return out
 
 
+def robustness_html(long: pd.DataFrame) -> str:
+    """robustness.csv as an HTML table (the report shows it inline), numbers to 4 decimals."""
+    body = long.to_html(index=False, border=1, na_rep="n/a", float_format=lambda v: f"{v:.4f}")
+    return ("<html><head><meta charset='utf-8'></head><body><h3>Robustness</h3>" + body +
+            "<p>One row per variant and perturbation; _lo / _hi: 95 % bootstrap interval over identities. "
+            "Final = (AUC + F1 + IoU) / 3.</p></body></html>")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", nargs="+", required=True, metavar="ID=CSV",
                    help="one ablation.csv per perturbation: none=tables/ablation.csv jpeg_70=... (ids as in "
                         "morphfuse.perturb: none, jpeg_Q, downscale_F, blur_S, noise_S)")
-    p.add_argument("--out", required=True, help="folder for robustness.csv and robustness.md")
+    p.add_argument("--out", required=True, help="folder for robustness.csv, robustness.html and robustness.md")
     p.add_argument("--figure", default=None, help="PNG of Final against level (default OUT/robustness.png)")
 
 
@@ -156,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_csv(out / "robustness.csv", long)
     write_text_atomic(out / "robustness.md", robustness_markdown(long, list(tables)))
+    write_text_atomic(out / "robustness.html", robustness_html(long))
     robustness_figure(long, Path(args.figure) if args.figure else out / "robustness.png")
     log.info("robustness: %d variants × %d perturbations -> %s", long["variant"].nunique(), len(tables), out)
     return 0

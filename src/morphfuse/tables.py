@@ -13,23 +13,30 @@ counts, F1 for the panels and a 64-bit key of the image id for joins: ~45 bytes)
 stay under 1.5 GB (BENCHMARKS.md). Identities are coded as their sorted names, which keeps the bootstrap's
 resamples those of a table computed from the whole frames.
 
-Rows, in this order when present: lfdl, mitl, lfdl_score_mitl_mask, naive_or, mdmf, closing_or, then any other
-variant. ``lfdl_score_mitl_mask`` is the ``mitl`` rows (MITL mask counts) with each image's score replaced by the
+Rows, in this order when present: lfdl, mitl, lfdl_score_mitl_mask, naive_or, mdmf, closing_or, baseline_face,
+baseline_all (``morphfuse evaluate --baseline``: the face crops / the whole image as the mask, score 0.5), then any
+other variant. ``lfdl_score_mitl_mask`` is the ``mitl`` rows (MITL mask counts) with each image's score replaced by the
 score of its ``lfdl`` row (joined on image_id; an image without a valid lfdl row is left out and counted), unless
 the inputs already hold that variant. ``mitl`` keeps its own score (the one derived from the MITL mask).
 
 Outputs in --out: ablation.csv / ablation.md (AUC, F1, IoU, Final with a 95 % bootstrap interval over identities,
-plus AP, EER, ACC and the pixel counts), breakdown_method.{csv,md} (every real image + the fakes of one method),
-breakdown_source.{csv,md} (the images of one source), errors.{csv,md} (rows left out per variant and, with
---ledgers, ledger lines per stage), tables.json (everything, for the report). In --figures (default OUT/figures):
-roc.png, pr.png (one curve per distinct score set) and, with --panels N, panels.png: N fake test images drawn at
-random (--seed), each as image | ground truth | LFDL | MITL | fused. Panels need --manifest (image and mask
-paths) and --lfdl-masks, --mitl-masks, --fused-masks: folders searched for ``<image_id>.png`` directly, in
-``*/`` or in ``*/masks/`` (the workflow's predict/{model} and fuse/{variant} folders qualify).
+plus AP, EER, ACC and the pixel counts), ablation_all.csv (the same table with --images all: the reals' predicted
+pixels count as false positives; shown in ablation.md beside the configured one), ablation_diffs.csv / .md
+(a − b for the pairs of DIFF_PAIRS present, e.g. mdmf − naive_or, per metric, with a PAIRED bootstrap interval: the
+same identity resamples for both variants; ``excludes_zero`` says whether the interval supports an ordering; under
+the configured --images and under all; also in ablation.md), breakdown_method.{csv,md} (every real image + the
+fakes of one method), breakdown_source.{csv,md} (the images of one source), errors.{csv,md} (rows left out per
+variant and, with --ledgers, ledger lines per stage), tables.json (everything, for the report). In --figures
+(default OUT/figures): roc.png, pr.png (one curve per distinct score set) and, with --panels N, panels.png: N fake
+test images drawn at random (--seed), each as image | ground truth | LFDL | MITL | fused. Panels need
+--manifest (image and mask paths) and --lfdl-masks, --mitl-masks, --fused-masks: folders searched for
+``<image_id>.png`` directly, in ``*/`` or in ``*/masks/`` (the workflow's predict/{model} and fuse/{variant}
+folders qualify).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -47,7 +54,8 @@ from .metrics import Convention, summarize
 
 log = logging.getLogger(__name__)
 
-VARIANT_ORDER = ("lfdl", "mitl", "lfdl_score_mitl_mask", "naive_or", "mdmf", "closing_or")
+VARIANT_ORDER = ("lfdl", "mitl", "lfdl_score_mitl_mask", "naive_or", "mdmf", "closing_or", "baseline_face",
+                 "baseline_all")
 SWAPPED = "lfdl_score_mitl_mask"
 # SYSTEM.md, "Paper targets" (DDL-I, Table 2): variant -> (AUC, F1, IoU, Final); None = not reported.
 PAPER_TARGETS = {
@@ -71,6 +79,11 @@ REQUIRED = ("image_id", "label", "score", "TP", "FP", "FN", "TN")
 # ------------------------------------------------------------------------------------------------- loading
 # Read per file; nothing else of a file is kept than these per-image columns of its valid rows.
 OPTIONAL = ("ok", "variant", "group", "method", "source", "threshold", "f1")
+
+
+def panel_variant(variants) -> str:
+    """The fused variant the qualitative panels show: MDMF when it is run, else the last configured one."""
+    return "mdmf" if "mdmf" in variants else list(variants)[-1]
 
 
 def find_count_files(paths: list[Path]) -> list[Path]:
@@ -270,7 +283,9 @@ def ordered_variants(frames) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- metrics
 def variant_row(name: str, v: VariantRows, conv: Convention, score_threshold: float, n_boot: int, seed: int,
-                confidence: float) -> dict:
+                confidence: float, cache: dict | None = None) -> dict:
+    """One row of the ablation table. ``cache`` (a dict) receives the row's bootstrap values per resample, keyed by
+    (name, convention), for :func:`paired_differences` to reuse (the same resamples when the groups are the same)."""
     m = v.summary(conv, score_threshold)
     row = {"variant": name}
     for k in METRIC_KEYS:
@@ -278,7 +293,10 @@ def variant_row(name: str, v: VariantRows, conv: Convention, score_threshold: fl
         row[f"{k}_lo"] = row[f"{k}_hi"] = None
     codes = np.unique(v.group, return_inverse=True)[1].ravel() if len(v) else np.zeros(0, np.int64)
     if n_boot > 0 and len(v):
-        lo, hi = grouped_bootstrap(v.label, v.score, v.TP, v.FP, v.FN, v.TN, codes, conv, n_boot, seed, confidence)
+        values = bootstrap_values(v.label, v.score, v.TP, v.FP, v.FN, v.TN, codes, conv, n_boot, seed)
+        lo, hi = _percentiles(values, confidence)
+        if cache is not None:
+            cache[(name, conv)] = (np.unique(v.group), n_boot, seed, values)
         for i, k in enumerate(METRIC_KEYS):
             if m[k] is not None and not math.isnan(lo[i]):
                 row[f"{k}_lo"], row[f"{k}_hi"] = float(lo[i]), float(hi[i])
@@ -290,69 +308,164 @@ def variant_row(name: str, v: VariantRows, conv: Convention, score_threshold: fl
     return row
 
 
-def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n_resamples: int, seed: int,
-                      confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """``metrics.bootstrap_ci(None, groups, metrics.table_statistic(...))`` — the same resamples (the same draws
-    of the same generator), the same statistics [AUC, F1, IoU, Final] up to float summation order — computed from
-    per-group sums: an image's bootstrap weight is its group's multiplicity, so every weighted sum is a sum over
-    groups, and the AUC's per-score weights are a sparse (scores × groups) count matrix times the multiplicities.
-    A resample then costs one gather and one bincount per class instead of several dense passes over all images."""
-    from .metrics import f1_from_counts, iou_from_counts, pixel_image_mask
+class BootstrapStatistic:
+    """[AUC, F1, IoU, Final] of one variant under bootstrap multiplicities of its groups, from per-group sums: an
+    image's bootstrap weight is its group's multiplicity, so every weighted sum is a sum over groups, and the AUC's
+    per-score weights are a sparse (scores × groups) count matrix times the multiplicities. One resample costs one
+    gather and one bincount per class instead of several dense passes over all images.
 
-    labels = np.asarray(labels).astype(np.int64)
-    codes = np.asarray(codes, dtype=np.int64)
-    G = int(codes.max()) + 1
-    uniq, inv = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
-    inv = inv.ravel()
-    pos = labels == 1
+    ``codes`` are the images' group codes in ``range(n_groups)``; ``mult`` (length ``n_groups``) is how often each
+    group was drawn. Several variants coded against the same groups can be evaluated on the same ``mult``: the
+    paired bootstrap (:func:`paired_differences`)."""
 
-    def pairs(m):
-        """The (score value, group) pairs of the images in ``m``, with their counts: the non-zeros of a sparse
-        (scores × groups) matrix, so that its product with the multiplicities is one gather and one bincount."""
-        key = np.unique(inv[m] * G + codes[m], return_counts=True)
-        return key[0] // G, key[0] % G, key[1].astype(np.float64)
+    def __init__(self, labels, scores, tp, fp, fn, tn, codes, n_groups: int, conv: Convention):
+        from .metrics import f1_from_counts, iou_from_counts, pixel_image_mask
 
-    (p_val, p_grp, p_cnt), (n_val, n_grp, n_cnt) = pairs(pos), pairs(~pos)
-    sel = pixel_image_mask(labels, conv.images)
-    cs = codes[sel]
-    c = [np.asarray(x, dtype=np.float64)[sel] for x in (tp, fp, fn, tn)]
-    pooled = conv.averaging == "pooled"
-    if pooled:
-        sums = [np.bincount(cs, weights=x, minlength=G) for x in c]
-        n_sel = np.bincount(cs, minlength=G).astype(np.float64)
-    else:
-        f1s = f1_from_counts(c[0], c[1], c[2], empty=conv.empty)
-        ious = iou_from_counts(*c, iou=conv.iou, empty=conv.empty)
-        f1_ok, iou_ok = ~np.isnan(f1s), ~np.isnan(ious)
-        f1_sum = np.bincount(cs[f1_ok], weights=f1s[f1_ok], minlength=G)
-        f1_n = np.bincount(cs[f1_ok], minlength=G).astype(np.float64)
-        iou_sum = np.bincount(cs[iou_ok], weights=ious[iou_ok], minlength=G)
-        iou_n = np.bincount(cs[iou_ok], minlength=G).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    values = np.empty((n_resamples, 4))
-    for r in range(n_resamples):
-        mult = np.bincount(rng.integers(0, G, size=G), minlength=G).astype(np.float64)
-        posw = np.bincount(p_val, weights=p_cnt * mult[p_grp], minlength=uniq.size)
-        negw = np.bincount(n_val, weights=n_cnt * mult[n_grp], minlength=uniq.size)
+        labels = np.asarray(labels).astype(np.int64)
+        codes = np.asarray(codes, dtype=np.int64)
+        G = self.G = int(n_groups)
+        self.conv = conv
+        uniq, inv = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+        inv = inv.ravel()
+        self.n_values = uniq.size
+        pos = labels == 1
+
+        def pairs(m):
+            key = np.unique(inv[m] * G + codes[m], return_counts=True)
+            return key[0] // G, key[0] % G, key[1].astype(np.float64)
+
+        self.pos, self.neg = pairs(pos), pairs(~pos)
+        sel = pixel_image_mask(labels, conv.images)
+        cs = codes[sel]
+        c = [np.asarray(x, dtype=np.float64)[sel] for x in (tp, fp, fn, tn)]
+        self.pooled = conv.averaging == "pooled"
+        if self.pooled:
+            self.sums = [np.bincount(cs, weights=x, minlength=G) for x in c]
+            self.n_sel = np.bincount(cs, minlength=G).astype(np.float64)
+        else:
+            f1s = f1_from_counts(c[0], c[1], c[2], empty=conv.empty)
+            ious = iou_from_counts(*c, iou=conv.iou, empty=conv.empty)
+            f1_ok, iou_ok = ~np.isnan(f1s), ~np.isnan(ious)
+            self.f1_sum = np.bincount(cs[f1_ok], weights=f1s[f1_ok], minlength=G)
+            self.f1_n = np.bincount(cs[f1_ok], minlength=G).astype(np.float64)
+            self.iou_sum = np.bincount(cs[iou_ok], weights=ious[iou_ok], minlength=G)
+            self.iou_n = np.bincount(cs[iou_ok], minlength=G).astype(np.float64)
+
+    def __call__(self, mult: np.ndarray) -> tuple[float, float, float, float]:
+        from .metrics import f1_from_counts, iou_from_counts
+
+        conv = self.conv
+        (p_val, p_grp, p_cnt), (n_val, n_grp, n_cnt) = self.pos, self.neg
+        posw = np.bincount(p_val, weights=p_cnt * mult[p_grp], minlength=self.n_values)
+        negw = np.bincount(n_val, weights=n_cnt * mult[n_grp], minlength=self.n_values)
         P, N = posw.sum(), negw.sum()
         auc = math.nan if P <= 0 or N <= 0 else float(np.dot(posw, np.cumsum(negw) - 0.5 * negw) / (P * N))
-        if pooled:
-            s = [float(np.dot(mult, x)) for x in sums]
-            ok = float(np.dot(mult, n_sel)) > 0
+        if self.pooled:
+            s = [float(np.dot(mult, x)) for x in self.sums]
+            ok = float(np.dot(mult, self.n_sel)) > 0
             f1 = float(f1_from_counts(s[0], s[1], s[2], empty=conv.empty)) if ok else math.nan
             iou = float(iou_from_counts(*s, iou=conv.iou, empty=conv.empty)) if ok else math.nan
         else:
-            wf, wi = float(np.dot(mult, f1_n)), float(np.dot(mult, iou_n))
-            f1 = float(np.dot(mult, f1_sum) / wf) if wf > 0 else math.nan
-            iou = float(np.dot(mult, iou_sum) / wi) if wi > 0 else math.nan
-        values[r] = (auc, f1, iou, (auc + f1 + iou) / 3.0)
+            wf, wi = float(np.dot(mult, self.f1_n)), float(np.dot(mult, self.iou_n))
+            f1 = float(np.dot(mult, self.f1_sum) / wf) if wf > 0 else math.nan
+            iou = float(np.dot(mult, self.iou_sum) / wi) if wi > 0 else math.nan
+        return auc, f1, iou, (auc + f1 + iou) / 3.0
+
+
+def _multiplicities(rng: np.random.Generator, G: int) -> np.ndarray:
+    """One resample of ``G`` groups with replacement, as each group's multiplicity (metrics.bootstrap_ci's draw)."""
+    return np.bincount(rng.integers(0, G, size=G), minlength=G).astype(np.float64)
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.full(4, np.nan), np.full(4, np.nan)
-    for j in range(4):
+    lo, hi = np.full(values.shape[1], np.nan), np.full(values.shape[1], np.nan)
+    for j in range(values.shape[1]):
         col = values[:, j][~np.isnan(values[:, j])]
         if col.size:
             lo[j], hi[j] = np.quantile(col, [alpha, 1.0 - alpha])
     return lo, hi
+
+
+def bootstrap_values(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n_resamples: int,
+                     seed: int) -> np.ndarray:
+    """``(n_resamples, 4)``: [AUC, F1, IoU, Final] in each resample of the groups ``codes`` (0 .. G-1)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    G = int(codes.max()) + 1
+    stat = BootstrapStatistic(labels, scores, tp, fp, fn, tn, codes, G, conv)
+    rng = np.random.default_rng(seed)
+    return np.array([stat(_multiplicities(rng, G)) for _ in range(n_resamples)]).reshape(n_resamples, 4)
+
+
+def grouped_bootstrap(labels, scores, tp, fp, fn, tn, codes, conv: Convention, n_resamples: int, seed: int,
+                      confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """``metrics.bootstrap_ci(None, groups, metrics.table_statistic(...))`` — the same resamples (the same draws
+    of the same generator), the same statistics [AUC, F1, IoU, Final] up to float summation order — computed from
+    per-group sums (:class:`BootstrapStatistic`)."""
+    return _percentiles(bootstrap_values(labels, scores, tp, fp, fn, tn, codes, conv, n_resamples, seed), confidence)
+
+
+# Differences whose sign is an ordering claim of the paper (mdmf > naive_or > lfdl) or of the baselines (the models
+# beat the face prior); a pair is shown when both variants are in the table.
+DIFF_PAIRS = (("mdmf", "naive_or"), ("naive_or", "lfdl"), ("mdmf", "lfdl"), ("closing_or", "mdmf"),
+              ("lfdl", "baseline_face"), ("mdmf", "baseline_face"), ("baseline_face", "baseline_all"))
+
+
+def paired_differences(a: VariantRows, b: VariantRows, conv: Convention, n_resamples: int, seed: int,
+                       confidence: float, score_threshold: float = 0.5, unpaired_seed: int | None = None,
+                       cache: dict | None = None) -> dict:
+    """Metrics of ``a`` minus those of ``b`` [AUC, F1, IoU, Final], with a percentile bootstrap interval of the
+    difference from PAIRED resamples: the groups (identities) of both variants are coded together and each resample
+    draws them once, for both (a group only one variant has weighs in that variant alone). What varies between
+    resamples that moves both variants alike cancels in the difference, so the interval is that of the difference,
+    not of either metric. ``unpaired_seed`` draws ``b``'s resamples from a generator of their own instead (for
+    comparison only: the interval of two independent bootstraps). ``cache`` (filled by :func:`variant_row`) gives
+    both variants' values per resample when each has all the groups of the pair: its resamples are then these
+    very resamples (same seed, same groups), and nothing is recomputed."""
+    ma, mb = a.summary(conv, score_threshold), b.summary(conv, score_threshold)
+    diff = np.array([(math.nan if ma[k] is None or mb[k] is None else ma[k] - mb[k]) for k in METRIC_KEYS], float)
+    union = np.union1d(a.group, b.group)
+    G = len(union)
+    lo = hi = np.full(4, np.nan)
+    cached = [cache.get((v.name, conv)) if cache is not None and unpaired_seed is None else None for v in (a, b)]
+    if n_resamples > 0 and len(a) and len(b) and all(
+            c is not None and c[1] == n_resamples and c[2] == seed and np.array_equal(c[0], union) for c in cached):
+        lo, hi = _percentiles(cached[0][3] - cached[1][3], confidence)
+        lo, hi = np.where(np.isnan(diff), np.nan, lo), np.where(np.isnan(diff), np.nan, hi)
+    elif n_resamples > 0 and len(a) and len(b):
+        sa = BootstrapStatistic(a.label, a.score, a.TP, a.FP, a.FN, a.TN, np.searchsorted(union, a.group), G, conv)
+        sb = BootstrapStatistic(b.label, b.score, b.TP, b.FP, b.FN, b.TN, np.searchsorted(union, b.group), G, conv)
+        rng = np.random.default_rng(seed)
+        rng_b = rng if unpaired_seed is None else np.random.default_rng(unpaired_seed)
+        values = np.empty((n_resamples, 4))
+        for r in range(n_resamples):
+            mult = _multiplicities(rng, G)
+            mult_b = mult if unpaired_seed is None else _multiplicities(rng_b, G)
+            values[r] = np.subtract(sa(mult), sb(mult_b))
+        lo, hi = _percentiles(values, confidence)
+        lo, hi = np.where(np.isnan(diff), np.nan, lo), np.where(np.isnan(diff), np.nan, hi)
+    return {"diff": diff, "lo": lo, "hi": hi, "n_groups": G}
+
+
+def diffs_frame(frames: dict[str, VariantRows], conv: Convention, n_resamples: int, seed: int, confidence: float,
+                score_threshold: float, pairs=DIFF_PAIRS, cache: dict | None = None) -> pd.DataFrame:
+    """One row per (pair, metric): ``a - b`` with its paired interval and whether the interval excludes 0."""
+    rows = []
+    for a, b in pairs:
+        if a not in frames or b not in frames:
+            continue
+        d = paired_differences(frames[a], frames[b], conv, n_resamples, seed, confidence, score_threshold,
+                               cache=cache)
+        for i, k in enumerate(METRIC_KEYS):
+            x, lo, hi = (float(d[c][i]) for c in ("diff", "lo", "hi"))
+            known = not (math.isnan(lo) or math.isnan(hi))
+            excl = known and (lo > 0 or hi < 0)
+            order = (f"{a} > {b}" if lo > 0 else f"{a} < {b}") if excl else ("not ordered" if known else "–")
+            rows.append({"images": conv.images, "a": a, "b": b, "metric": k, "diff": None if math.isnan(x) else x,
+                         "lo": lo if known else None, "hi": hi if known else None, "excludes_zero": excl,
+                         "ordering": order, "n_groups": d["n_groups"]})
+    return pd.DataFrame(rows, columns=["images", "a", "b", "metric", "diff", "lo", "hi", "excludes_zero", "ordering",
+                                       "n_groups"])
 
 
 def breakdown(frames, by: str, conv: Convention, score_threshold: float) -> pd.DataFrame:
@@ -391,8 +504,37 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _metric_rows(table: pd.DataFrame) -> list[list[str]]:
+    return [[r["variant"]] + [_cell(r, k) for k in METRIC_KEYS + ("ap", "eer", "accuracy")]
+            for r in table.to_dict("records")]
+
+
+def _diff_cell(r) -> str:
+    if r is None or r["diff"] is None or (isinstance(r["diff"], float) and math.isnan(r["diff"])):
+        return "–"
+    if r["lo"] is None or (isinstance(r["lo"], float) and math.isnan(r["lo"])):
+        return f"{r['diff']:+.4f}"
+    cell = f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
+    return f"**{cell}**" if r["excludes_zero"] else cell
+
+
+def diffs_markdown(diffs: pd.DataFrame, n_boot: int, confidence: float) -> list[str]:
+    """The paired differences as one table: a row per (images, a − b), a column per metric."""
+    if diffs.empty:
+        return ["(no pair of the compared variants is in the table)"]
+    lines = [f"Each cell: a − b and its {confidence:.0%} interval from PAIRED bootstrap resamples ({n_boot}; the "
+             "same identities drawn for both variants, the same resamples as the table's intervals). **Bold**: the "
+             "interval excludes 0, so the ordering is supported; otherwise the data do not order the two.", ""]
+    rows = []
+    for (images, a, b), part in diffs.groupby(["images", "a", "b"], sort=False):
+        by = {r["metric"]: r for r in part.to_dict("records")}
+        rows.append([images, f"{a} − {b}"] + [_diff_cell(by.get(k)) for k in METRIC_KEYS])
+    return lines + _md_table(["images", "a − b", "AUC", "F1", "IoU", "Final"], rows)
+
+
 def ablation_markdown(table: pd.DataFrame, conv: Convention, score_threshold: float, n_boot: int,
-                      confidence: float, seed: int, notes: list[str]) -> str:
+                      confidence: float, seed: int, notes: list[str], table_all: pd.DataFrame | None = None,
+                      diffs: pd.DataFrame | None = None) -> str:
     recs = table.to_dict("records")
     lines = ["# Ablation (layout of the paper's Table 2)", "",
              f"Convention: {conv.describe()}, score threshold={score_threshold:g}. Final = (AUC + F1 + IoU) / 3.",
@@ -400,8 +542,18 @@ def ablation_markdown(table: pd.DataFrame, conv: Convention, score_threshold: fl
              (f"Intervals: {confidence:.0%} percentile bootstrap over identities (groups), {n_boot} resamples, "
               f"seed {seed}; the same resamples for every variant. Differences smaller than the intervals are not "
               "an ordering." if n_boot > 0 else "No bootstrap intervals (--bootstrap 0)."), ""]
-    lines += _md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"],
-                       [[r["variant"]] + [_cell(r, k) for k in METRIC_KEYS + ("ap", "eer", "accuracy")] for r in recs])
+    lines += _md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"], _metric_rows(table))
+    if any(r["variant"].startswith("baseline_") for r in recs):
+        lines += ["", "Baselines: baseline_face marks the image's face crops (the boxes LFDL sees) as manipulated, "
+                      "baseline_all the whole image; both score every image 0.5 (AUC 0.5). A model's F1/IoU above "
+                      "baseline_face is what it localizes beyond knowing where the faces are."]
+    if table_all is not None and conv.images != "all":
+        lines += ["", "The same table with images=all (real images enter the pixel metrics with an empty ground "
+                      "truth: every pixel they predict is a false positive, and an empty prediction on a real "
+                      f"follows empty={conv.empty} as above) (ablation_all.csv):", ""]
+        lines += _md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"], _metric_rows(table_all))
+    if diffs is not None:
+        lines += ["", "Paired differences (ablation_diffs.csv):", ""] + diffs_markdown(diffs, n_boot, confidence)
     lines += ["", "Counts behind each row (pixels pooled over the images of the pixel metrics):", ""]
     lines += _md_table(["variant", "TP", "FP", "FN", "TN", "images", "real", "fake", "identities",
                         "pixel-metric images", "skipped empty", "left out (errors)"],
@@ -536,6 +688,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_convention_arguments(p, with_threshold=False)
     p.add_argument("--threshold", type=float, default=None,
                    help="the mask threshold the counts must have been made with (checked; the counts carry it)")
+    p.add_argument("--thresholds", type=Path, metavar="JSON",
+                   help="a `morphfuse thresholds` file (fitted on val): its score_threshold replaces "
+                        "--score-threshold, and the file is recorded in tables.json")
     g = p.add_argument_group("qualitative panels (image | ground truth | LFDL | MITL | fused)")
     g.add_argument("--panels", type=int, default=0, metavar="N", help="number of fake images to show (default 0)")
     g.add_argument("--manifest", nargs="*", type=Path, default=[], metavar="PARQUET",
@@ -562,19 +717,45 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    notes = [n for n in [add_swapped_variant(frames)] if n]
+    fitted, notes = None, []
+    if args.thresholds is not None:
+        from .thresholds import read_thresholds
+
+        fitted = read_thresholds(args.thresholds)
+        args.score_threshold = float(fitted["score_threshold"])
+        notes.append(f"thresholds fitted on the val split ({args.thresholds}): image score >= "
+                     f"{fitted['score_threshold']:.4g} is fake; LFDL/MITL masks binarised at "
+                     f"{fitted['mask_threshold']:g} before fusion")
+    notes += [n for n in [add_swapped_variant(frames)] if n]
     variants = ordered_variants(frames)
     log.info("variants: %s", ", ".join(f"{v} ({frames[v].n_rows} rows)" for v in variants))
+    cache: dict = {}  # each row's bootstrap values, reused by the paired differences
     table = pd.DataFrame([variant_row(v, frames[v], conv, args.score_threshold, args.bootstrap, args.seed,
-                                      args.confidence) for v in variants])
+                                      args.confidence, cache) for v in variants])
+    # The same table with the reals in the pixel metrics (their predicted pixels are false positives).
+    conv_all = dataclasses.replace(conv, images="all")
+    table_all = table if conv.images == "all" else pd.DataFrame(
+        [variant_row(v, frames[v], conv_all, args.score_threshold, args.bootstrap, args.seed, args.confidence, cache)
+         for v in variants])
+    diffs = pd.concat([diffs_frame(frames, c, args.bootstrap, args.seed, args.confidence, args.score_threshold,
+                                   cache=cache) for c in dict.fromkeys([conv, conv_all])], ignore_index=True)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "ablation.csv", table)
-    write_text_atomic(out / "ablation.md", ablation_markdown(table, conv, args.score_threshold, args.bootstrap,
-                                                             args.confidence, args.seed, notes))
+    write_csv(out / "ablation_all.csv", table_all)
+    write_csv(out / "ablation_diffs.csv", diffs)
+    write_text_atomic(out / "ablation_diffs.md", "\n".join(
+        [f"# Paired differences of the ablation rows ({conv.describe()}; and images=all)", ""]
+        + diffs_markdown(diffs, args.bootstrap, args.confidence)) + "\n")
+    ablation_md = ablation_markdown(table, conv, args.score_threshold, args.bootstrap, args.confidence, args.seed,
+                                    notes, table_all, diffs)
+    write_text_atomic(out / "ablation.md", ablation_md)
     result = {"convention": conv.as_dict(), "score_threshold": args.score_threshold, "bootstrap": args.bootstrap,
               "confidence": args.confidence, "seed": args.seed, "notes": notes,
-              "ablation": table.to_dict("records")}
+              "ablation": table.to_dict("records"), "ablation_all": table_all.to_dict("records"),
+              "ablation_diffs": diffs.to_dict("records")}
+    if fitted is not None:
+        result["thresholds"] = fitted
     for by in ("method", "source"):
         bd = breakdown(frames, by, conv, args.score_threshold)
         write_csv(out / f"breakdown_{by}.csv", bd)
@@ -623,6 +804,5 @@ def run(args: argparse.Namespace) -> int:
             figures.append("panels.png")
         result["figures"] = [str(fig_dir / f) for f in figures]
     write_text_atomic(out / "tables.json", json.dumps(_clean(result), indent=2, default=_json_default) + "\n")
-    print(ablation_markdown(table, conv, args.score_threshold, args.bootstrap, args.confidence, args.seed, notes)
-          .split("\n\nCounts")[0])
+    print(ablation_md.split("\n\nCounts")[0])
     return 0

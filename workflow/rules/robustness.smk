@@ -1,19 +1,16 @@
 # Robustness sweep (evaluate.robustness): every perturbation of the evaluated split's images runs the whole
-# prediction side of the DAG again (faces -> crops -> features -> predict -> fuse -> evaluate -> tables) with the
-# SAME trained models, as a DAG dimension perturbation x shard, so results cache and rerun like every other stage.
-# The clean column ("none") is the main run's own tables. Each stage is the main rule itself (`use rule`), with
-# paths under robustness/{perturb}/.
+# prediction side of the DAG again with the SAME trained models, as a DAG dimension perturbation x shard, so results
+# cache and rerun like every other stage. Two jobs per (perturbation, shard): `robust-predict` (perturb -> faces ->
+# crops -> features -> both models, the main stages chained in one process) and `robust-evaluate` (fuse + evaluate
+# every variant); then one tables job per perturbation (the main tables rule) and the reducer. Few jobs keep the
+# planning of a DDL-I-sized DAG fast (BENCHMARKS.md). The clean column ("none") is the main run's own tables.
 from morphfuse.perturb import sweep
+from morphfuse.stages.chain import EVALUATE_KEYS as ROBUST_EVALUATE_KEYS, PREDICT_KEYS as ROBUST_PREDICT_KEYS
 
 PERTURBATIONS = sweep(config["evaluate"]["robustness"])[1:]  # `none` is the main evaluation
 PERTURB_IDS = [p.id for p in PERTURBATIONS]
 PERTURB_SPEC = {p.id: p.spec for p in PERTURBATIONS}
 ROBUST = config["predictions"]["source"] == "models" and bool(PERTURB_IDS)
-
-
-def RB(*parts):
-    """A path of the robustness sweep: results/<run>/robustness/{perturb}/..."""
-    return R("robustness", "{perturb}", *parts)
 
 
 wildcard_constraints:
@@ -22,129 +19,84 @@ wildcard_constraints:
 
 if ROBUST:
 
-    rule perturb:
+    rule robust_predict:
         input:
             shard=R("manifest/shards/{shard}.parquet"),
-        output:
-            shard=RB("manifest/{shard}.parquet"),
-            ledger=R("ledger/robustness/{perturb}/perturb/{shard}.csv"),
-        params:
-            spec=lambda wc: PERTURB_SPEC[wc.perturb],
-            images=lambda wc: R("robustness", wc.perturb, "images", wc.shard),
-            seed=config["seed"],
-            code=code("perturb"),
-        conda:
-            CONDA_ENV
-        log:
-            R("logs/robustness/{perturb}/perturb/{shard}.log"),
-        shell:
-            "{MF} perturb --manifest {input.shard} --perturb {params.spec} --seed {params.seed}"
-            " --images {params.images} --out {output.shard} --ledger {output.ledger} > {log} 2>&1"
-
-    use rule faces as faces_robust with:
-        input:
-            shard=rules.perturb.output.shard,
+            lfdl=rules.predict_lfdl.input.model,  # the models the main predictions use
+            mitl=rules.predict_mitl.input.model,
             weights=rules.faces.input.weights,
         output:
-            faces=RB("faces/{shard}.parquet"),
-            ledger=R("ledger/robustness/{perturb}/faces/{shard}.csv"),
+            lfdl_scores=RB("predict/lfdl/{shard}/scores.csv"),
+            lfdl_masks=directory(RB("predict/lfdl/{shard}/masks")),
+            mitl_scores=RB("predict/mitl/{shard}/scores.csv"),
+            mitl_masks=directory(RB("predict/mitl/{shard}/masks")),
+            crops=RB("crops/{shard}.parquet"),  # the perturbed images' crops (baseline_face's mask)
+            ledger=R("ledger/robustness/{perturb}/predict/{shard}.csv"),
         log:
-            R("logs/robustness/{perturb}/faces/{shard}.log"),
-
-    use rule crops as crops_robust with:
-        input:
-            shard=rules.perturb.output.shard,
-            faces=rules.faces_robust.output.faces,
-            faces_ledger=rules.faces_robust.output.ledger,
-        output:
-            crops=RB("crops/{shard}.parquet"),
-            ledger=R("ledger/robustness/{perturb}/crops/{shard}.csv"),
-        log:
-            R("logs/robustness/{perturb}/crops/{shard}.log"),
-
-    use rule features_lfdl as features_lfdl_robust with:
-        input:
-            shard=rules.perturb.output.shard,
-            crops=rules.crops_robust.output.crops,
-        output:
-            npz=RB("features/lfdl/{shard}.npz"),
-            ledger=R("ledger/robustness/{perturb}/features_lfdl/{shard}.csv"),
-        log:
-            R("logs/robustness/{perturb}/features_lfdl/{shard}.log"),
-
-    use rule features_mitl as features_mitl_robust with:
-        input:
-            shard=rules.perturb.output.shard,
-        output:
-            npz=RB("features/mitl/{shard}.npz"),
-            ledger=R("ledger/robustness/{perturb}/features_mitl/{shard}.csv"),
-        log:
-            R("logs/robustness/{perturb}/features_mitl/{shard}.log"),
-
-    use rule predict_lfdl as predict_lfdl_robust with:
-        input:
-            model=R("models/lfdl/model.pt"),
-            features=RB("features/lfdl/{shard}.npz"),
-            shard=rules.perturb.output.shard,
-        output:
-            scores=RB("predict/lfdl/{shard}/scores.csv"),
-            masks=directory(RB("predict/lfdl/{shard}/masks")),
+            R("logs/robustness/{perturb}/predict/{shard}.log"),
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            gpu=1,
         params:
-            **PREDICT_PARAMS["lfdl"],
-            out=lambda wc: R("robustness", wc.perturb, "predict/lfdl", wc.shard),
-        log:
-            R("logs/robustness/{perturb}/predict_lfdl/{shard}.log"),
+            spec=lambda wc: PERTURB_SPEC[wc.perturb],
+            out_lfdl=lambda wc: R("robustness", wc.perturb, "predict/lfdl", wc.shard),
+            out_mitl=lambda wc: R("robustness", wc.perturb, "predict/mitl", wc.shard),
+            work=lambda wc: R("robustness", wc.perturb, "work", wc.shard),
+            config=config_slice(*ROBUST_PREDICT_KEYS),
+            code=code("robust-predict"),
+        shell:
+            "OMP_NUM_THREADS={threads} morphfuse robust-predict --manifest {input.shard} --perturb {params.spec}"
+            " --config {params.config:q} --lfdl-model {input.lfdl} --mitl-model {input.mitl}"
+            " --out-lfdl {params.out_lfdl} --out-mitl {params.out_mitl} --work {params.work}"
+            " --crops-out {output.crops} --ledger {output.ledger} > {log} 2>&1"
 
-    use rule predict_mitl as predict_mitl_robust with:
-        input:
-            model=R("models/mitl/model.pt"),
-            features=RB("features/mitl/{shard}.npz"),
-            shard=rules.perturb.output.shard,
-        output:
-            scores=RB("predict/mitl/{shard}/scores.csv"),
-            masks=directory(RB("predict/mitl/{shard}/masks")),
-        params:
-            **PREDICT_PARAMS["mitl"],
-            out=lambda wc: R("robustness", wc.perturb, "predict/mitl", wc.shard),
-        log:
-            R("logs/robustness/{perturb}/predict_mitl/{shard}.log"),
-
-    use rule fuse as fuse_robust with:
-        input:
-            lfdl=RB("predict/lfdl/{shard}/masks"),
-            mitl=RB("predict/mitl/{shard}/masks"),
-        output:
-            masks=directory(RB("fuse/{variant}/{shard}/masks")),
-            ledger=R("ledger/robustness/{perturb}/fuse/{variant}_{shard}.csv"),
-        log:
-            R("logs/robustness/{perturb}/fuse/{variant}_{shard}.log"),
-
-    use rule evaluate as evaluate_robust with:
+    rule robust_evaluate:
         input:
             shard=R("manifest/shards/{shard}.parquet"),  # ground truth: the clean shard's masks
-            masks=RB("fuse/{variant}/{shard}/masks"),
-            scores=lambda wc: R("robustness", wc.perturb, "predict", _scores_for(wc.variant), wc.shard,
-                                "scores.csv"),
+            lfdl=rules.robust_predict.output.lfdl_masks,
+            mitl=rules.robust_predict.output.mitl_masks,
+            crops=rules.robust_predict.output.crops,
+            thresholds=THRESHOLDS,
         output:
-            counts=RB("evaluate/{variant}/{shard}.parquet"),
-            ledger=R("ledger/robustness/{perturb}/evaluate/{variant}_{shard}.csv"),
+            counts=[RB("evaluate", v, "{shard}.parquet") for v in EVAL_VARIANTS],
         log:
-            R("logs/robustness/{perturb}/evaluate/{variant}_{shard}.log"),
+            R("logs/robustness/{perturb}/evaluate/{shard}.log"),
+        conda:
+            CONDA_ENV
+        params:
+            lfdl=lambda wc: R("robustness", wc.perturb, "predict/lfdl", wc.shard),
+            mitl=lambda wc: R("robustness", wc.perturb, "predict/mitl", wc.shard),
+            fused=lambda wc: R("robustness", wc.perturb, "fuse"),
+            counts=lambda wc: R("robustness", wc.perturb, "evaluate"),
+            ledgers=lambda wc: R("ledger/robustness", wc.perturb, "evaluate"),
+            thresholds=thresholds_arg(),
+            config=config_slice(*ROBUST_EVALUATE_KEYS),
+            code=code("robust-evaluate"),
+        shell:
+            "morphfuse robust-evaluate --manifest {input.shard} --lfdl {params.lfdl} --mitl {params.mitl}"
+            " --crops {input.crops} --config {params.config:q} --fused {params.fused} --counts {params.counts}"
+            " --ledgers {params.ledgers} {params.thresholds} > {log} 2>&1"
 
     use rule tables as tables_robust with:
         input:
-            counts=lambda wc: [R("robustness", wc.perturb, "evaluate", v, f"{s}.parquet")
-                               for v in config["fusion"]["variants"] for s in eval_shards()],
-            ledgers=lambda wc: [R("ledger/robustness", wc.perturb, st, f"{s}.csv")
-                                for st in ("perturb", "faces", "crops", "features_lfdl", "features_mitl")
-                                for s in eval_shards()],
+            counts=lambda wc: [
+                R("robustness", wc.perturb, "evaluate", v, f"{s}.parquet")
+                for v in EVAL_VARIANTS
+                for s in eval_shards()
+            ],
+            ledgers=lambda wc: [R("ledger/robustness", wc.perturb, "predict", f"{s}.csv") for s in eval_shards()],
             manifest=R("manifest/manifest.parquet"),
+            thresholds=THRESHOLDS,
         output:
             table_md=RB("tables/ablation.md"),
             table_csv=RB("tables/ablation.csv"),
             roc=RB("figures/roc.png"),
             pr=RB("figures/pr.png"),
             panels=RB("figures/panels.png"),
+        log:
+            R("logs/robustness/{perturb}/tables.log"),
         params:
             **TABLES_PARAMS,
             out=lambda wc: R("robustness", wc.perturb, "tables"),
@@ -152,8 +104,6 @@ if ROBUST:
             fused=lambda wc: R("robustness", wc.perturb, "fuse", PANEL_VARIANT),
             lfdl=lambda wc: R("robustness", wc.perturb, "predict/lfdl"),
             mitl=lambda wc: R("robustness", wc.perturb, "predict/mitl"),
-        log:
-            R("logs/robustness/{perturb}/tables.log"),
 
     rule robustness:
         input:
@@ -161,17 +111,20 @@ if ROBUST:
             perturbed=expand(R("robustness", "{perturb}", "tables", "ablation.csv"), perturb=PERTURB_IDS),
         output:
             table_md=R("tables/robustness/robustness.md"),
-            table_csv=report(R("tables/robustness/robustness.csv"), caption="../report/robustness.rst",
-                             category="8. Robustness"),
+            table_csv=R("tables/robustness/robustness.csv"),
+            table_html=report(
+                R("tables/robustness/robustness.html"), caption="../report/robustness.rst", category="8. Robustness"
+            ),
             figure=report(R("figures/robustness.png"), caption="../report/robustness.rst", category="8. Robustness"),
-        params:
-            ablation=lambda wc, input: " ".join([f"none={input.clean}"] + [f"{p}={c}" for p, c in zip(PERTURB_IDS,
-                                                                                                       input.perturbed)]),
-            out=R("tables/robustness"),
-            code=code("robustness"),
-        conda:
-            CONDA_ENV
         log:
             R("logs/robustness.log"),
+        conda:
+            CONDA_ENV
+        params:
+            ablation=lambda wc, input: " ".join(
+                [f"none={input.clean}"] + [f"{p}={c}" for p, c in zip(PERTURB_IDS, input.perturbed)]
+            ),
+            out=lambda wc, output: str(Path(output.table_csv).parent),
+            code=code("robustness"),
         shell:
-            "{MF} robustness --ablation {params.ablation} --out {params.out} --figure {output.figure} > {log} 2>&1"
+            "morphfuse robustness --ablation {params.ablation} --out {params.out} --figure {output.figure} > {log} 2>&1"

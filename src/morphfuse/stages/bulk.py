@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UserError
-from ..imageio import walk_images, write_csv, write_text_atomic
+from ..imageio import IMAGE_EXTENSIONS, walk_images, write_csv, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,10 @@ def write_lists(root: Path, shard_size: int, out: Path) -> int:
         chunk.append(rel)
         if len(chunk) == shard_size:
             flush()
-    if chunk or not rows:
+    if chunk:
         flush()
+    if not rows:
+        raise UserError(f"bulk.input {root}: no image files found in it (looked for {' '.join(IMAGE_EXTENSIONS)})")
     write_csv(out / "shards.csv", pd.DataFrame(rows, columns=["shard", "images"]))
     return sum(r["images"] for r in rows)
 
@@ -83,12 +85,14 @@ def merge(shards: list[Path], out: Path) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bulk_cmd", required=True)
     a = sub.add_parser("list", help="shard the image files of a folder into list files")
-    a.add_argument("--root", required=True, type=Path)
-    a.add_argument("--shard-size", type=int, default=4096)
-    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--root", required=True, type=Path, help="the folder of images (walked recursively)")
+    a.add_argument("--shard-size", type=int, default=4096, help="images per list file (default 4096)")
+    a.add_argument("--out", required=True, type=Path,
+                   help="folder for the list files 00000.txt, 00001.txt, ... and shards.csv")
     b = sub.add_parser("merge", help="concatenate the shards' scores.csv and ledger.csv")
-    b.add_argument("--shards", nargs="+", required=True, type=Path)
-    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--shards", nargs="+", required=True, type=Path,
+                   help="the shards' detect output folders (each with scores.csv and ledger.csv)")
+    b.add_argument("--out", required=True, type=Path, help="folder for the merged scores.csv and ledger.csv")
 
 
 def run(args: argparse.Namespace) -> int:
