@@ -5,15 +5,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO, london
-from test_export_detect import bundle, trained  # noqa: F401  (module fixtures: a bundle of size-64 models)
 
 pytest.importorskip("timm")
 

@@ -5,7 +5,8 @@ Data: 8 images of 64 px, smooth random colour fields; 4 are fakes in which a rec
 per side, so that LFDL's 4×4 logit grid at 64 px can draw it: the test is about learning, not resolution) carries
 added Gaussian noise (σ = 0.15), a splice-like noise inconsistency; its mask is that rectangle. Training: the
 engine's own optimizer builders (Adam for LFDL, AdamW for MITL, weight decay as configured), full batch, no
-augmentation, lr 5e-4 (the paper's LFDL rate) for both, 12 LFDL and 20 MITL steps, each model's own loss (LFDL: cls + patch + pixel; MITL: BCE). Check: the models'
+augmentation, lr 5e-4 (the paper's LFDL rate) for both, 12 LFDL and 20 MITL steps, each model's own loss (LFDL:
+cls + patch + pixel; MITL: BCE). Check: the models'
 ``predict_proba`` in eval mode: train AUC 1.0 and pooled pixel IoU ≥ 0.7 over all 8 images (reals count: a
 mask on a real is a false positive).
 

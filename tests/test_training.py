@@ -70,7 +70,11 @@ class StandIn(nn.Module):
             target = F.adaptive_max_pool2d(target, self.grid)
         l_loc = F.binary_cross_entropy_with_logits(out["loc"], target)
         total = l_cls + l_loc
-        return total, {"loss": float(total.detach()), "loss_cls": float(l_cls.detach()), "loss_loc": float(l_loc.detach())}
+        return total, {
+            "loss": float(total.detach()),
+            "loss_cls": float(l_cls.detach()),
+            "loss_loc": float(l_loc.detach()),
+        }
 
     @torch.no_grad()
     def predict_proba(self, batch):
@@ -284,7 +288,9 @@ def test_mitl_schedule_and_cli(tmp_path, monkeypatch):
     lr = tr.lr.to_numpy()
     np.testing.assert_allclose(lr[:4], [2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up over one epoch
     assert np.all(np.diff(lr[4:]) < 0) and lr[-1] > 1e-5  # then half-cosine down towards min_lr
-    f = engine.lr_factor_fn("mitl", settings("mitl", epochs=2, batch_size=1, lr=1e-3, warmup_epochs=1, min_lr=1e-5), 4, 8)
+    f = engine.lr_factor_fn(
+        "mitl", settings("mitl", epochs=2, batch_size=1, lr=1e-3, warmup_epochs=1, min_lr=1e-5), 4, 8
+    )
     assert f(4) == pytest.approx(1.0) and f(8) * 1e-3 == pytest.approx(1e-5)
     opt = engine.build_optimizer("mitl", StandIn("mitl"), settings("mitl", epochs=1, batch_size=1, lr=1e-4,
                                  weight_decay=0.05), torch.device("cpu"))
@@ -561,7 +567,9 @@ def test_training_memory_request_follows_batch_workers_and_gpus():
 
     per = BASE_MB["lfdl"] + 4 * WORKER_MB + 76 * (299 * 299 * 4 / 2**20) * (8 + 2 * 4)
     assert train_mem_mb("lfdl", 299, 76, 4, 8) == int(np.ceil(8 * per * MARGIN / 1000) * 1000)
-    assert train_mem_mb("mitl", 512, 10, 4, 8) > train_mem_mb("mitl", 512, 10, 0, 8) > train_mem_mb("mitl", 512, 10, 0, 1)
+    assert (
+        train_mem_mb("mitl", 512, 10, 4, 8) > train_mem_mb("mitl", 512, 10, 0, 8) > train_mem_mb("mitl", 512, 10, 0, 1)
+    )
     assert train_mem_mb("lfdl", 299, 304, 4, 8) > train_mem_mb("lfdl", 299, 76, 4, 8)
     paper = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()),
                         yaml.safe_load((REPO / "configs" / "paper.yaml").read_text()))

@@ -159,7 +159,9 @@ def rescale(img, mask, box, factor: float):
     if (sw, sh) == (w, h):
         return img, mask, box
     img = cv2.resize(cv2.resize(img, (sw, sh), interpolation=cv2.INTER_LINEAR), (w, h), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(cv2.resize(mask, (sw, sh), interpolation=cv2.INTER_LINEAR), (w, h), interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(
+        cv2.resize(mask, (sw, sh), interpolation=cv2.INTER_LINEAR), (w, h), interpolation=cv2.INTER_LINEAR
+    )
     return img, binarize_mask(mask), box
 
 

@@ -57,7 +57,9 @@ def restore_rng(state: dict, device: torch.device | None = None) -> None:
     if state.get("cuda") is not None and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
@@ -161,6 +163,33 @@ def build_from_record(record: dict, path: str | os.PathLike = "", factory=None) 
         raise UserError(f"{path}: weights do not fit the {record['model_name']} network built from its own options "
                         f"({first}); was it written by another morphfuse version?") from None
     return model
+
+
+def _meta_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the tensors of ``model`` still on the meta device (parameters, buffers, tensor attributes)."""
+    out = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    for mod_name, mod in model.named_modules():
+        out += [f"{mod_name}.{k}" for k, v in vars(mod).items() if isinstance(v, torch.Tensor) and v.is_meta]
+    return out
+
+
+def build_for_inference(record: dict, path: str | os.PathLike = "", factory=None) -> torch.nn.Module:
+    """:func:`build_from_record` without the random initialisation that the file's weights replace anyway: the
+    network is built on the meta device and takes the record's tensors (``load_state_dict(assign=True)``). A
+    network whose construction needs real tensors, or that keeps a tensor the state dict does not hold, is built
+    the ordinary way instead (same result, slower start)."""
+    if factory is None:
+        from ..models import build_model as factory
+    try:
+        with torch.device("meta"):
+            model = factory(record["model_name"], int(record["size"]),
+                            without_pretrained(record.get("options") or {}))
+        model.load_state_dict(record["state_dict"], strict=True, assign=True)
+        if not _meta_tensors(model):
+            return model
+    except Exception:  # noqa: BLE001 - any failure: the ordinary build says what is wrong, if anything
+        pass
+    return build_from_record(record, path, factory)
 
 
 def without_pretrained(options: dict) -> dict:

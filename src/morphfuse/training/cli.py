@@ -2,11 +2,14 @@
 
 Resumable: ``--resume auto`` (default) continues from OUT/checkpoints/last.pt when it exists. Several processes
 (GPUs) through torchrun, e.g. ``torchrun --standalone --nproc_per_node=2 -m morphfuse.cli train lfdl ...``.
-Writes OUT/model.pt, OUT/metrics.csv, OUT/checkpoints/last.pt and OUT/tb/ (TensorBoard).
+Writes OUT/model.pt (the last model), OUT/model_best.pt (the epoch best on ``train.best_metric`` over the val rows,
+its ``selected`` entry says which; without val rows the last model), OUT/metrics.csv, OUT/checkpoints/last.pt and
+OUT/tb/ (TensorBoard).
 
 Examples:
   morphfuse train lfdl --config config.yaml --features results/demo/features/lfdl --out results/demo/models/lfdl
-  morphfuse train mitl --config config.yaml --features f/s00000.npz f/s00001.npz --out m/mitl --set train.epochs=1
+  morphfuse train mitl --config config.yaml --features features/mitl/train_00000.npz features/mitl/train_00001.npz \
+      --out models/mitl --set train.epochs=1
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "inline JSON slice the workflow's rule passes")
     p.add_argument("--features", nargs="+", required=True, metavar="NPZ",
                    help="feature shards (.npz files, or folders of them) of this model")
-    p.add_argument("--out", required=True, help="output folder (model.pt, metrics.csv, checkpoints/, tb/)")
+    p.add_argument("--out", required=True,
+                   help="output folder (model.pt, model_best.pt, metrics.csv, checkpoints/, tb/)")
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto: continue from OUT/checkpoints/last.pt if present (default); never: start over")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",

@@ -142,7 +142,9 @@ class SplitRows:
             label.append(sh.read("label")[sel].astype(np.int8))
             has_mask.append(sh.read("has_mask")[sel].astype(bool) if "has_mask" in sh else np.ones(len(sel), bool))
             starts.append(starts[-1] + len(sel))
-        cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+        def cat(parts, dt):
+            return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
         self.shard, self.row = cat(shard, np.int32), cat(row, np.int32)
         self.label, self.has_mask = cat(label, np.int8), cat(has_mask, bool)
         self.starts = np.asarray(starts, np.int64)
@@ -221,7 +223,9 @@ class FeatureDataset(Dataset):
             "row": torch.tensor(i, dtype=torch.int64),
         }
         if self.model_name == "lfdl":
-            item["ref_box"] = torch.from_numpy(box.astype(np.float32)) if box is not None else torch.full((4,), float("nan"))
+            item["ref_box"] = (
+                torch.from_numpy(box.astype(np.float32)) if box is not None else torch.full((4,), float("nan"))
+            )
         for k in self.pre_keys:
             item[k] = torch.from_numpy(r.read(i, k))
         return item

@@ -19,6 +19,14 @@ when SIGTERM / SIGUSR1 asks it to stop) stores the weights, optimizer, scheduler
 done, the epoch's data order, and every rank's torch, CUDA, numpy and python RNG states (dropout and any other
 global randomness). A CPU run interrupted and resumed therefore ends with bitwise the same weights as an
 uninterrupted one (on CUDA, as far as its kernels are deterministic).
+
+Best on val: after each epoch's validation, a model better on ``train.best_metric`` (``val_loss``: lowest;
+``val_auc``: highest; ties keep the earlier epoch) is saved as ``OUT/checkpoints/best-<step>.pt`` (a model record)
+and named in the next training checkpoint, which is written right after it; older best files go only once that
+checkpoint is on disk, so a kill at any point leaves the checkpoint's best file in place. At the end,
+``OUT/model_best.pt`` is that record with ``selected`` = {metric, value, epoch, step} (without val rows, or when
+no epoch has ended: the last model, ``selected.value`` null and the reason), beside ``OUT/model.pt`` (the last
+model). Which one predict and export use is the workflow's ``export.checkpoint``.
 """
 from __future__ import annotations
 
@@ -91,6 +99,7 @@ class Settings:
     mixup: float = 0.0            # LFDL: probability per micro-batch
     warmup_epochs: float = 0.0    # MITL
     min_lr: float = 0.0           # MITL
+    best_metric: str = "val_loss"  # the val metric that picks model_best.pt: val_loss (lowest) or val_auc (highest)
 
     @classmethod
     def from_config(cls, model_name: str, cfg: dict) -> "Settings":
@@ -105,7 +114,9 @@ class Settings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(train) - known)
         if unknown:
-            raise UserError(f"{model_name}.train: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+            raise UserError(
+                f"{model_name}.train: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})"
+            )
         values = {**default(f"{model_name}.train"), **dict(train)}
         if values["seed"] is None:
             values["seed"] = cfg["seed"] if "seed" in cfg else default("seed")
@@ -142,6 +153,8 @@ class Settings:
             bad("device", "must be auto, cpu or cuda")
         if self.balance not in BALANCE:
             bad("balance", f"must be one of {', '.join(BALANCE)}")
+        if self.best_metric not in BEST_METRICS:
+            bad("best_metric", f"must be one of {', '.join(BEST_METRICS)}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
                                            or self.max_steps < 1):
             bad("max_steps", "must be an integer ≥ 1 or null (the whole schedule)")
@@ -160,6 +173,19 @@ def config_digest(model_name: str, cfg: dict, settings: Settings) -> str:
     from ..config import config_hash
 
     return config_hash({"model": model_name, "block": cfg[model_name], "seed": settings.seed})
+
+
+# Validation metrics that can choose model_best.pt, and whether lower is better.
+BEST_METRICS = {"val_loss": True, "val_auc": False}
+
+
+def improves(metric: str, value: float | None, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (None: nothing yet); NaN never does, ties keep the earlier."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if BEST_METRICS[metric] else value > best
 
 
 # Settings that do not change the weights up to a checkpoint's step: a resume may differ in them.
@@ -319,7 +345,10 @@ def mixup(batch: dict, p: float, rng: np.random.Generator):
         return batch, None, 1.0
     lam = float(rng.beta(1.0, 1.0))
     n = batch["rgb"].shape[0]
-    perm = torch.from_numpy(rng.permutation(n)).to(batch["rgb"].device)
+    perm = torch.from_numpy(rng.permutation(n))
+    dev = batch["rgb"].device
+    # pinned + non_blocking on CUDA: a plain .to(cuda) of a CPU tensor waits for every queued kernel
+    perm = perm.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else perm.to(dev)
     mixed = {k: v for k, v in batch.items() if k not in PRECOMPUTED_KEYS}
     mixed["rgb"] = lam * batch["rgb"] + (1.0 - lam) * batch["rgb"][perm]
     other = dict(mixed)
@@ -427,15 +456,7 @@ def train(model_name: str, cfg: dict, features, out_dir, resume: str = "auto", m
     out = Path(out_dir)
 
     ctx = init_distributed(s.device)
-    deterministic = s.deterministic if s.deterministic is not None else ctx.device.type == "cpu"
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    if deterministic:
-        if ctx.device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    prev_det = set_determinism(s, ctx.device)
     try:
         return _Run(model_name, cfg, s, size, options, paths, factory, out, resume, max_steps, ctx,
                     progress).run()
@@ -445,14 +466,49 @@ def train(model_name: str, cfg: dict, features, out_dir, resume: str = "auto", m
             dist.destroy_process_group()
 
 
+def set_determinism(s: Settings, device: torch.device) -> bool:
+    """``train.deterministic`` (None: on for CPU, off for CUDA) for this process; off on CUDA turns on cuDNN's
+    autotuner (``cudnn.benchmark``). Returns the previous ``torch.are_deterministic_algorithms_enabled()``."""
+    deterministic = s.deterministic if s.deterministic is not None else device.type == "cpu"
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return prev_det
+
+
+def step_runner(model_name: str, cfg: dict, features, out_dir, factory=None,
+                memory_format: torch.memory_format | None = None) -> _Run:
+    """What :func:`train` runs, set up but not started, for driving single training steps (one process; used by
+    ``benchmarks/gpu_suite.py``): the training rows indexed, the network, optimizer and scheduler built, at step 0
+    of epoch 0. Drive it with ``it = iter(run.train_loader(epoch))`` and ``run.train_step(run.raw, it,
+    run.s.accumulate)``; nothing is written to ``out_dir``. ``memory_format`` (e.g. ``torch.channels_last``)
+    converts the network and every training batch's ``rgb``. The caller sets the determinism
+    (:func:`set_determinism`)."""
+    s = Settings.from_config(model_name, cfg)
+    size, options = model_options(model_name, cfg)
+    run = _Run(model_name, cfg, s, size, options, feature_paths(features), factory or ckpt.resolve_factory(None),
+               Path(out_dir), "never", s.max_steps, init_distributed(s.device), False, memory_format)
+    run._data()
+    run._model()
+    return run
+
+
 class _Run:
     def __init__(self, model_name, cfg, s: Settings, size, options, paths, factory, out: Path, resume, max_steps,
-                 ctx: DistContext, progress: bool):
+                 ctx: DistContext, progress: bool, memory_format: torch.memory_format | None = None):
         self.name, self.cfg, self.s, self.size, self.options = model_name, cfg, s, size, options
         self.paths, self.factory, self.out, self.resume, self.max_steps = paths, factory, out, resume, max_steps
-        self.ctx, self.progress = ctx, progress
+        self.ctx, self.progress, self.memory_format = ctx, progress, memory_format
+        self.step, self.epoch, self.mb_done = 0, 0, 0  # _resume() sets them from a checkpoint
         self.ckpt_path = out / "checkpoints" / "last.pt"
         self.model_path = out / "model.pt"
+        self.best_path = out / "model_best.pt"
+        self.best: dict | None = None  # {"metric", "value", "epoch", "step", "file"} of the best epoch so far
         self.config_hash = config_digest(model_name, cfg, s)
 
     # ----------------------------------------------------------------------------------------- setup
@@ -497,7 +553,8 @@ class _Run:
         got = getattr(model, "name", self.name)
         if got != self.name:
             raise UserError(f"the model factory built a '{got}' network for '{self.name}'")
-        self.raw = model.to(ctx.device)
+        self.raw = model.to(ctx.device) if self.memory_format is None else \
+            model.to(ctx.device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.name, self.raw, s, ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor_fn(self.name, s, self.steps_per_epoch, self.total_steps))
@@ -535,6 +592,12 @@ class _Run:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.step, self.epoch, self.mb_done = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
+            self.best = dict(ck["best"]) if ck.get("best") else None
+            if self.best is not None and not (self.ckpt_path.parent / self.best["file"]).is_file():
+                if ctx.main:
+                    log.warning("%s names the best-on-val model %s, which is gone: model_best.pt will be the best "
+                                "of the epochs from here on", self.ckpt_path, self.best["file"])
+                self.best = None
             rngs = ck["rng"]
             old_world = int(ck.get("world_size", 1))
             if old_world == ctx.world_size and len(rngs) == ctx.world_size:
@@ -569,7 +632,8 @@ class _Run:
             # A fresh run: stale outputs of an earlier one would be mistaken for this run's (and with --resume never,
             # an old checkpoint would be resumed by the next --resume auto if this run died before its first one).
             shutil.rmtree(self.out / "tb", ignore_errors=True)
-            for stale in (self.model_path, self.out / "metrics.csv", self.ckpt_path):
+            for stale in (self.model_path, self.best_path, self.out / "metrics.csv", self.ckpt_path,
+                          *self.ckpt_path.parent.glob("best-*.pt")):
                 stale.unlink(missing_ok=True)
         ctx.barrier()
         self.resumed = ck is not None
@@ -590,10 +654,34 @@ class _Run:
                 "order": {"epoch": self.epoch, "indices": torch.from_numpy(self._order(self.epoch).astype(np.int32))},
                 "rng": rngs, "torch_version": str(torch.__version__),
                 "trajectory": self.trajectory, "metrics": ckpt.primitive(self.metrics.rows),
+                "best": ckpt.primitive(self.best),
             }
             ckpt.save_atomic(obj, self.ckpt_path)
             self.metrics.write()
+            keep = self.best["file"] if self.best else None
+            for old in self.ckpt_path.parent.glob(
+                "best-*.pt"
+            ):  # only once the checkpoint naming the new one is written
+                if old.name != keep:
+                    old.unlink(missing_ok=True)
         self.ctx.barrier()
+
+    def _update_best(self, val: dict) -> None:
+        """After an epoch's validation (every rank sees the same gathered values): save the model if it is the best
+        on ``best_metric`` so far. Rank 0 writes checkpoints/best-<step>.pt; the checkpoint that follows names it."""
+        metric = self.s.best_metric
+        value = val.get(metric)
+        value = None if value is None else float(value)
+        if not improves(metric, value, self.best["value"] if self.best else None):
+            return
+        name = f"best-{self.step:09d}.pt"
+        self.best = {"metric": metric, "value": value, "epoch": self.epoch + 1, "step": self.step, "file": name}
+        if self.ctx.main:
+            rec = ckpt.model_record(self.name, self.size, self.options, self.config_hash,
+                                    ckpt.cpu_state_dict(self.raw), train=ckpt.primitive(dataclasses.asdict(self.s)),
+                                    step=self.step, epoch=self.epoch + 1, finished=False)
+            ckpt.save_atomic(rec, self.ckpt_path.parent / name)
+            log.info("epoch %d: best %s so far (%.6g): %s", self.epoch + 1, metric, value, name)
 
     def _write_model(self, finished: bool) -> None:
         if self.ctx.main:
@@ -601,6 +689,16 @@ class _Run:
                                     ckpt.cpu_state_dict(self.raw), train=ckpt.primitive(dataclasses.asdict(self.s)),
                                     step=self.step, epoch=self.epoch, finished=finished)
             ckpt.save_atomic(rec, self.model_path)
+            if self.best is not None:
+                best = ckpt.load_model_file(self.ckpt_path.parent / self.best["file"], self.name)
+                best["selected"] = {k: self.best[k] for k in ("metric", "value", "epoch", "step")}
+            else:
+                why = "no validation rows" if self.val_ds is None or len(self.val_ds) == 0 else \
+                    f"no epoch ended with a finite {self.s.best_metric}"
+                best = dict(rec, selected={"metric": self.s.best_metric, "value": None, "epoch": self.epoch,
+                                           "step": self.step, "reason": f"{why}: the last model"})
+            best["finished"] = finished  # of the training run it was chosen from
+            ckpt.save_atomic(best, self.best_path)
             self.metrics.write()
         self.ctx.barrier()
 
@@ -639,6 +737,73 @@ class _Run:
         res["val_auc"] = roc_auc([x for g in gathered for x in g[3]], [x for g in gathered for x in g[4]])
         return res
 
+    # ------------------------------------------------------------------------------------ one training step
+    def autocast(self):
+        """A fresh bf16 autocast context on CUDA with ``train.bf16``, else a no-op context."""
+        if self.ctx.device.type == "cuda" and self.s.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_loader(self, epoch: int, start: int = 0) -> DataLoader:
+        """This rank's training loader over ``epoch``'s micro-batches from number ``start`` on."""
+        s, ctx = self.s, self.ctx
+        batches = batches_of(self._order(epoch)[ctx.rank], s.batch_size)
+        todo = [self.epochs.keys(epoch, b) for b in batches[start:]]
+        return DataLoader(self.train_ds, batch_sampler=todo, num_workers=s.num_workers, collate_fn=default_collate,
+                          pin_memory=ctx.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(s.seed))  # keeps the global RNG untouched
+
+    def device_batch(self, batch: dict) -> dict:
+        """A collated loader batch as model inputs on the device (:func:`finish_batch` there; ``rgb`` in the
+        run's memory format)."""
+        batch = finish_batch(_to_device(batch, self.ctx.device))
+        if self.memory_format is not None:
+            batch["rgb"] = batch["rgb"].contiguous(memory_format=self.memory_format)
+        return batch
+
+    def train_step(self, model, it, group: int) -> tuple[float, dict[str, float], int]:
+        """One optimizer step over ``group`` micro-batches drawn from the loader iterator ``it``: forward (by
+        ``model``: the network, its DDP wrapper or a compiled form of it), the network's own loss (LFDL: mixed up
+        with probability ``train.mixup``, seeded by epoch and micro-batch), backward (gradients accumulated;
+        DDP all-reduces on the last micro-batch only), then the optimizer and scheduler steps. Advances
+        ``step`` and ``mb_done``. Returns the micro-batch mean of the loss and of its parts, and the images seen.
+        The losses come to the host once, after the optimizer step is queued."""
+        s, ctx = self.s, self.ctx
+        losses, parts_sum, n_img = [], {}, 0
+        for j in range(group):
+            batch = self.device_batch(next(it))
+            mb_index = self.mb_done + j
+            sync = contextlib.nullcontext() if (j == group - 1 or not ctx.initialized) else model.no_sync()
+            with sync:
+                with self.autocast():
+                    if self.name == "lfdl" and s.mixup > 0:
+                        rng = np.random.default_rng([s.seed, 0x6D6978, self.epoch, mb_index, ctx.rank])
+                        a, b, lam = mixup(batch, s.mixup, rng)
+                    else:
+                        a, b, lam = batch, None, 1.0
+                    out = model(a)
+                    loss, parts = self.raw.loss(out, a)
+                    parts = _float_parts(parts)
+                    if b is not None:
+                        loss_b, parts_b = self.raw.loss(out, b)
+                        parts_b = _float_parts(parts_b)
+                        loss = lam * loss + (1.0 - lam) * loss_b
+                        parts = {k: lam * v + (1.0 - lam) * parts_b.get(k, v) for k, v in parts.items()}
+                (loss / group).backward()
+            losses.append(loss.detach().float())
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / group
+            n_img += int(batch["rgb"].shape[0])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.mb_done += group
+        loss_sum = 0.0
+        for v in torch.stack(losses).tolist():  # one host synchronisation; summed as before, in order
+            loss_sum += v / group
+        return loss_sum, parts_sum, n_img
+
     # ---------------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
         self.stop_signal = None
@@ -671,17 +836,23 @@ class _Run:
 
             model = DDP(self.raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                         find_unused_parameters=s.find_unused_parameters)
-        use_amp = ctx.device.type == "cuda" and s.bf16
-
-        def amp():
-            return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-
+        amp = self.autocast
         stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
         if ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            log.info("%s: %d train rows, %d val rows, %d process(es) on %s, %d micro-batches of %d per epoch and "
-                     "process, %d optimizer steps per epoch, %d in all", self.name, self.n_train, len(self.val_ds or []),
-                     ctx.world_size, ctx.device, self.n_batches, s.batch_size, self.steps_per_epoch, self.total_steps)
+            log.info(
+                "%s: %d train rows, %d val rows, %d process(es) on %s, %d micro-batches of %d per epoch and "
+                "process, %d optimizer steps per epoch, %d in all",
+                self.name,
+                self.n_train,
+                len(self.val_ds or []),
+                ctx.world_size,
+                ctx.device,
+                self.n_batches,
+                s.batch_size,
+                self.steps_per_epoch,
+                self.total_steps,
+            )
         tb = _TB(self.out / "tb", s.tensorboard and ctx.main, self.step + 1 if self.resumed else None)
         bar = None
         if ctx.main and self.progress:
@@ -703,6 +874,8 @@ class _Run:
                     tb.scalars("val", last_val, self.step)
                     log.info("epoch %d: %s", self.epoch + 1,
                              ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+                if last_val:
+                    self._update_best(last_val)
                 self.epoch += 1
                 self.mb_done = 0
                 self._save_checkpoint()
@@ -721,46 +894,12 @@ class _Run:
     def _epoch(self, model, amp, stop_at: int, tb: _TB, bar) -> bool:
         """Run the rest of the current epoch; True when ``--max-steps`` stopped it (after a checkpoint)."""
         s, ctx = self.s, self.ctx
-        batches = batches_of(self._order(self.epoch)[ctx.rank], s.batch_size)
-        todo = [self.epochs.keys(self.epoch, b) for b in batches[self.mb_done:]]
-        loader = DataLoader(self.train_ds, batch_sampler=todo, num_workers=s.num_workers, collate_fn=default_collate,
-                            pin_memory=ctx.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(s.seed))  # keeps the global RNG untouched
-        it = iter(loader)
+        it = iter(self.train_loader(self.epoch, self.mb_done))
         t0 = time.perf_counter()
         while self.mb_done < self.n_batches:
             group = min(s.accumulate, self.n_batches - self.mb_done)
-            loss_sum, parts_sum, n_img = 0.0, {}, 0
-            for j in range(group):
-                batch = finish_batch(_to_device(next(it), ctx.device))
-                mb_index = self.mb_done + j
-                sync = contextlib.nullcontext() if (j == group - 1 or not ctx.initialized) else model.no_sync()
-                with sync:
-                    with amp():
-                        if self.name == "lfdl" and s.mixup > 0:
-                            rng = np.random.default_rng([s.seed, 0x6D6978, self.epoch, mb_index, ctx.rank])
-                            a, b, lam = mixup(batch, s.mixup, rng)
-                        else:
-                            a, b, lam = batch, None, 1.0
-                        out = model(a)
-                        loss, parts = self.raw.loss(out, a)
-                        parts = _float_parts(parts)
-                        if b is not None:
-                            loss_b, parts_b = self.raw.loss(out, b)
-                            parts_b = _float_parts(parts_b)
-                            loss = lam * loss + (1.0 - lam) * loss_b
-                            parts = {k: lam * v + (1.0 - lam) * parts_b.get(k, v) for k, v in parts.items()}
-                    (loss / group).backward()
-                loss_sum += float(loss.detach().float().item()) / group
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v / group
-                n_img += int(batch["rgb"].shape[0])
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step += 1
-            self.mb_done += group
+            loss_sum, parts_sum, n_img = self.train_step(model, it, group)
 
             keys = sorted(parts_sum)
             stop_flag = 1.0 if self.stop_signal is not None else 0.0
