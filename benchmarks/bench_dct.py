@@ -71,11 +71,11 @@ def bench(size: int, channels: int, threads: int, rounds: int, low_band: str, se
         }
         errors = {}
         for name, f in methods.items():
-            h, l = (np.asarray(v) for v in f())
+            h, lo = (np.asarray(v) for v in f())
             if "min-max" in name:
                 errors[name] = float("nan")
                 continue
-            err = max(np.abs(h - ref_h).max(), np.abs(l - ref_l).max())
+            err = max(np.abs(h - ref_h).max(), np.abs(lo - ref_l).max())
             errors[name] = err if dtype == torch.float64 else err / max(np.abs(ref_h).max(), np.abs(ref_l).max())
         times = {name: [] for name in methods}
         for _ in range(rounds):

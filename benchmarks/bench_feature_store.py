@@ -120,7 +120,7 @@ def main() -> int:
             r1, u1 = mem()
             print(f"  {name:8} after reading all {n} rows: RSS +{r1 - r0:7.1f} MiB, USS +{u1 - u0:7.1f} MiB "
                   f"(shard {path.stat().st_size / 2**20:.0f} MiB)")
-        del mm_rgb, mm_mask
+        mm_rgb = mm_mask = None  # close the maps before the next file
         if not args.keep:
             shutil.rmtree(args.work / f"{kind}{size}", ignore_errors=True)
     return 0

@@ -1,15 +1,16 @@
-"""MITL cost and speed: GFLOPs per image, CPU forward time, and (when CUDA exists) GPU training/inference throughput.
+"""MITL cost and speed on the CPU: GFLOPs per image and forward time (optionally with the folded AMW block).
 
     .venv/bin/python benchmarks/bench_mitl.py                       # CPU forward at 512, batch 1
     .venv/bin/python benchmarks/bench_mitl.py --threads 1 --repeats 2
-    .venv/bin/python benchmarks/bench_mitl.py --gpu-only --compile  # on a CUDA machine
     .venv/bin/python benchmarks/bench_mitl.py --size 256 --threads 1 --fused  # + MITL.fuse_for_inference, same run
 
 GFLOPs are counted with torch.utils.flop_counter on the meta device (where SDPA runs as its bmm decomposition and
-is counted; the fused CPU SDPA kernel has no FLOP formula) plus the DCT bands counted on CPU. Training FLOPs are
-taken as 3x forward. The GPU section follows the release's measurement: batch 16 at 512, bf16 autocast, here with
-channels_last, fused AdamW and SDPA attention (optionally torch.compile), random init, random data.
-Prints one Markdown section; paste it into BENCHMARKS.md.
+is counted; the fused CPU SDPA kernel has no FLOP formula) plus the DCT bands counted on CPU (``count_gflops`` is
+also what ``benchmarks/gpu_suite.py`` turns its images/s into TFLOP/s with). Training FLOPs are taken as 3x forward.
+GPU training and inference throughput (the release's measurement: batch 16 at 512, bf16, here through the engine's
+real step with channels_last, fused AdamW, torch.compile and the streaming loader) are measured by
+``benchmarks/gpu_suite.py`` (``benchmarks/gpu_check.sh`` on a GPU machine), which replaced this script's former
+GPU section. Prints one Markdown section; paste it into BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -89,61 +90,11 @@ def bench_cpu(size: int, repeats: int) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "threads": torch.get_num_threads()}
 
 
-def bench_gpu(size: int, batch_size: int, steps: int, compile_: bool) -> dict[str, float]:
-    dev = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    model = MITL(size=size).to(dev, memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-    rgb = torch.rand(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
-    mask = (torch.rand(batch_size, 1, size, size, device=dev) > 0.9).float()
-    batch = {"rgb": rgb, "mask": mask}
-    fwd = torch.compile(model) if compile_ else model
-
-    def train_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fwd(batch)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"].float(), mask)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def timed(fn, n):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    torch.cuda.reset_peak_memory_stats()
-    train_s = timed(train_step, steps)
-    train_mem = torch.cuda.max_memory_allocated() / 2**30
-    model.eval()
-
-    @torch.no_grad()
-    def infer_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            fwd(batch)
-
-    infer_s = timed(infer_step, steps)
-    return {"train_img_s": steps * batch_size / train_s, "infer_img_s": steps * batch_size / infer_s,
-            "train_peak_gib": train_mem, "device": torch.cuda.get_device_name(), "compile": compile_}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="timed CPU forwards (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
-    p.add_argument("--batch", type=int, default=16, help="GPU batch size")
-    p.add_argument("--steps", type=int, default=20, help="timed GPU steps")
-    p.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
-    p.add_argument("--gpu-only", action="store_true")
     p.add_argument("--fused", action="store_true",
                    help="also count and time (CPU, same run, alternated) MITL.fuse_for_inference()")
     args = p.parse_args()
@@ -158,34 +109,22 @@ def main() -> None:
         print(f"| {k} | {v:.2f} |")
     print(f"\nRelease: {RELEASE['gflops']} GFLOPs (its DCT: 6.4 as full transforms).\n")
 
-    if not args.gpu_only:
-        cpu = bench_cpu(args.size, args.repeats)
-        print(f"CPU forward, batch 1, fp32, {cpu['threads']} thread(s): median {cpu['median_s']:.2f} s/image "
-              f"(min {cpu['min_s']:.2f} s) -> {flops['total'] / cpu['median_s']:.1f} GFLOP/s implied "
-              f"(best {flops['total'] / cpu['min_s']:.1f}).\n")
+    cpu = bench_cpu(args.size, args.repeats)
+    print(f"CPU forward, batch 1, fp32, {cpu['threads']} thread(s): median {cpu['median_s']:.2f} s/image "
+          f"(min {cpu['min_s']:.2f} s) -> {flops['total'] / cpu['median_s']:.1f} GFLOP/s implied "
+          f"(best {flops['total'] / cpu['min_s']:.1f}).\n")
     if args.fused:
         fused_flops = count_gflops(args.size, fused=True)
         print(f"Fused AMW block (MITL.fuse_for_inference): weighting {flops['weighting']:.2f} -> "
               f"{fused_flops['weighting']:.2f} GFLOPs, total {flops['total']:.2f} -> {fused_flops['total']:.2f} "
               f"({flops['total'] - fused_flops['total']:.2f} fewer).\n")
-        if not args.gpu_only:
-            t = bench_cpu_fused(args.size, args.repeats)
-            u, f = t["unfused"], t["fused"]
-            print(f"CPU forward, batch 1, fp32, {torch.get_num_threads()} thread(s), {args.repeats} alternated "
-                  f"pairs: unfused median {u['median_s']:.3f} s (min {u['min_s']:.3f}), fused median "
-                  f"{f['median_s']:.3f} s (min {f['min_s']:.3f}): fused/unfused {f['median_s'] / u['median_s']:.3f} "
-                  f"(min {f['min_s'] / u['min_s']:.3f}); max |logit difference| {f['max_abs_logit_diff']:.2e}.\n")
-    if torch.cuda.is_available():
-        gpu = bench_gpu(args.size, args.batch, args.steps, args.compile)
-        train_tflops = 3 * flops["total"] * gpu["train_img_s"] / 1e3
-        print(f"GPU {gpu['device']}, batch {args.batch}, bf16 autocast, channels_last, fused AdamW, SDPA"
-              f"{', torch.compile' if gpu['compile'] else ''}: training {gpu['train_img_s']:.1f} images/s "
-              f"(~{train_tflops:.0f} TFLOP/s at 3x forward; peak {gpu['train_peak_gib']:.1f} GiB), inference "
-              f"{gpu['infer_img_s']:.1f} images/s. Release on one H100: {RELEASE['train_img_s_bf16']} (bf16), "
-              f"{RELEASE['train_img_s_cl_compile_fused']} (+channels_last, compile, fused AdamW) training, "
-              f"{RELEASE['infer_img_s_bf16']} inference images/s.")
-    else:
-        print("GPU: no CUDA device here; run this script on a GPU machine for the training/inference section.")
+        t = bench_cpu_fused(args.size, args.repeats)
+        u, f = t["unfused"], t["fused"]
+        print(f"CPU forward, batch 1, fp32, {torch.get_num_threads()} thread(s), {args.repeats} alternated "
+              f"pairs: unfused median {u['median_s']:.3f} s (min {u['min_s']:.3f}), fused median "
+              f"{f['median_s']:.3f} s (min {f['min_s']:.3f}): fused/unfused {f['median_s'] / u['median_s']:.3f} "
+              f"(min {f['min_s'] / u['min_s']:.3f}); max |logit difference| {f['max_abs_logit_diff']:.2e}.\n")
+    print("GPU: benchmarks/gpu_check.sh (benchmarks/gpu_suite.py) measures training and inference throughput.")
 
 
 if __name__ == "__main__":

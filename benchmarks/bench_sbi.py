@@ -76,9 +76,15 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     print(f"| SBI, landmarks precomputed | {sbi * 1e3:.1f} ({w_sbi * 1e3:.1f}) | {1 / sbi:.1f} |")
     print(f"| PNG encode (fake + mask, compress 1) | {png * 1e3:.1f} | {1 / png:.1f} |")
-    print(f"| dlib detection + 68 landmarks (upsample 1) | {t_detect * 1e3:.1f} ({w_detect * 1e3:.1f}) | {1 / t_detect:.1f} |")
+    print(
+        f"| dlib detection + 68 landmarks (upsample 1) | {t_detect * 1e3:.1f} ({w_detect * 1e3:.1f}) | "
+        f"{1 / t_detect:.1f} |"
+    )
     print(f"| SBI incl. detection | {(sbi + t_detect) * 1e3:.1f} | {1 / (sbi + t_detect):.1f} |")
-    print(f"| SBI incl. detection and PNG encode | {(sbi + t_detect + png) * 1e3:.1f} | {1 / (sbi + t_detect + png):.1f} |")
+    print(
+        f"| SBI incl. detection and PNG encode | {(sbi + t_detect + png) * 1e3:.1f} | "
+        f"{1 / (sbi + t_detect + png):.1f} |"
+    )
     return 0
 
 
