@@ -25,9 +25,9 @@ include: "workflow/rules/bulk.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.tables.output,
         rules.report.output,
         rules.export.output,
         rules.robustness.output if ROBUST else [],
-    default_target: True

@@ -128,7 +128,8 @@ PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
         key = Path("/etc/munge/munge.key")
         if not key.exists():
             subprocess.run([_which("mungekey"), "--create", "--keyfile", str(key)], check=True)
-            shutil.chown(key, "munge", "munge"); key.chmod(0o400)
+            shutil.chown(key, "munge", "munge")
+            key.chmod(0o400)
         shutil.chown(self.munge_dir, "munge", "munge")
         m = self.munge_dir
         self._start([_which("munged"), "--foreground", "--force", f"--socket={sock}",

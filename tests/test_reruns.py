@@ -42,9 +42,8 @@ def _weights(path: Path) -> dict:
 
 
 def test_a_training_parameter_retrains_for_real(e2e, tmp_path):
-    work = tmp_path / "work"
-    shutil.copytree(e2e.work, work, symlinks=True)  # copy2: mtimes kept, so Snakemake sees a complete run
-    run = work / "results" / e2e.cfg["run_name"]
+    copy = e2e.copy(tmp_path / "work")
+    work, run = copy.work, copy.dir
     before_lfdl = _weights(run / "models/lfdl/model.pt")
     before_mitl = (run / "models/mitl/model.pt").read_bytes()
     cfg = yaml.safe_load((work / "config.yaml").read_text())

@@ -56,9 +56,25 @@ def test_every_stage_wrote_its_outputs(e2e):
 def test_ablation_table_has_the_papers_rows_with_intervals(e2e):
     table = pd.read_csv(e2e.dir / "tables" / "ablation.csv")
     variants = list(table.iloc[:, 0])
-    assert variants == ["lfdl", "mitl", "lfdl_score_mitl_mask", "naive_or", "mdmf", "closing_or"]
+    assert variants == ["lfdl", "mitl", "lfdl_score_mitl_mask", "naive_or", "mdmf", "closing_or", "baseline_face",
+                        "baseline_all"]
     md = (e2e.dir / "tables" / "ablation.md").read_text()
     assert "per_image" in md and "fake_only" in md
+    # the baselines: whole image = every pixel predicted; face crops = fewer, and AUC 0.5 (constant score)
+    t = table.set_index("variant")
+    assert t.loc["baseline_all", "FN"] == 0 and t.loc["baseline_all", "TN"] == 0
+    assert t.loc["baseline_face", "TP"] + t.loc["baseline_face", "FP"] < t.loc["baseline_all", "FP"] + \
+        t.loc["baseline_all", "TP"]
+    assert t.loc["baseline_face", "auc"] == pytest.approx(0.5) and t.loc["baseline_all", "auc"] == pytest.approx(0.5)
+    # the images=all twin (reals' predicted pixels are false positives) and the paired differences
+    t_all = pd.read_csv(e2e.dir / "tables" / "ablation_all.csv").set_index("variant")
+    assert list(t_all.index) == variants and (t_all["FP"] >= t["FP"]).all()
+    assert t_all.loc["baseline_all", "FP"] > t.loc["baseline_all", "FP"]
+    diffs = pd.read_csv(e2e.dir / "tables" / "ablation_diffs.csv")
+    assert {("mdmf", "naive_or"), ("naive_or", "lfdl"), ("mdmf", "lfdl"), ("lfdl", "baseline_face")} <= \
+        set(zip(diffs["a"], diffs["b"]))
+    assert set(diffs["images"]) == {"fake_only", "all"} and diffs["lo"].notna().all()
+    assert "Paired differences" in md and "images=all" in md
     cols = " ".join(table.columns).lower()
     for c in ("auc", "f1", "iou", "final"):
         assert c in cols
@@ -98,8 +114,8 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(e2e):
 # Fusion and everything after it: evaluation, tables, the report's inputs and the model bundle (its model card
 # carries the table). Nothing upstream.
 DOWNSTREAM_OF_FUSION = {"fuse", "evaluate", "tables", "report", "export", "all",
-                        # the robustness sweep's copies of fusion and evaluation, and its reducer
-                        "fuse_robust", "evaluate_robust", "tables_robust", "robustness"}
+                        # the robustness sweep's fusion + evaluation jobs, its tables and its reducer
+                        "robust_evaluate", "tables_robust", "robustness"}
 
 
 def _variant_config(e2e, tmp_path, edit) -> Path:
@@ -125,8 +141,27 @@ def test_a_fusion_parameter_reruns_fusion_and_evaluation_only(e2e, tmp_path):
 
 def test_an_lfdl_training_parameter_leaves_mitl_alone(e2e, tmp_path):
     cfg = _variant_config(e2e, tmp_path, lambda c: c["lfdl"]["train"].update(lr=1e-4))
-    assert set(planned_jobs(e2e.work, cfg)) == ({"train_lfdl", "predict_lfdl", "predict_lfdl_robust"}
+    assert set(planned_jobs(e2e.work, cfg)) == ({"train_lfdl", "predict_lfdl", "robust_predict"}
                                                 | DOWNSTREAM_OF_FUSION | CONFIG_CHANGED)
+
+
+def test_val_thresholds_are_fitted_on_val_predictions_and_rerun_fusion(e2e, tmp_path):
+    cfg = _variant_config(e2e, tmp_path, lambda c: c["evaluate"].update(thresholds="val"))
+    jobs = planned_jobs(e2e.work, cfg)
+    n_val = (pd.read_csv(e2e.dir / "manifest/shards.csv")["split"] == "val").sum()
+    assert n_val >= 1 and jobs["fit_thresholds"] == 1
+    assert jobs["predict_lfdl"] == n_val and jobs["predict_mitl"] == n_val  # the val shards, never predicted before
+    assert {"fuse", "evaluate", "tables", "export", "robust_evaluate", "tables_robust"} <= set(jobs)
+    assert not {"train_lfdl", "train_mitl", "evaluate_baseline"} & set(jobs)  # the baselines use no threshold
+
+
+def test_the_best_checkpoint_reruns_prediction_not_training(e2e, tmp_path):
+    for m in ("lfdl", "mitl"):
+        assert (e2e.dir / "models" / m / "model_best.pt").stat().st_size > 0
+    cfg = _variant_config(e2e, tmp_path, lambda c: c.setdefault("export", {}).update(checkpoint="best"))
+    jobs = planned_jobs(e2e.work, cfg)
+    assert {"predict_lfdl", "predict_mitl", "robust_predict", "export"} <= set(jobs)
+    assert not {"train_lfdl", "train_mitl", "faces", "features_lfdl"} & set(jobs)
 
 
 def test_editing_the_fusion_code_reruns_fusion_and_evaluation_only(e2e, tmp_path):
@@ -135,7 +170,8 @@ def test_editing_the_fusion_code_reruns_fusion_and_evaluation_only(e2e, tmp_path
     with open(src / "morphfuse" / "fusion.py", "a") as f:
         f.write("\n_EDITED = True  # a statement: a comment alone reruns nothing (test_reruns.py)\n")
     env = dict(os.environ, PYTHONPATH=str(src))
-    assert set(planned_jobs(e2e.work, env=env)) == DOWNSTREAM_OF_FUSION
+    # `evaluate` imports fusion (read_gt, read_u8), so the baselines' evaluation reruns too (its code changed)
+    assert set(planned_jobs(e2e.work, env=env)) == DOWNSTREAM_OF_FUSION | {"evaluate_baseline"}
 
 
 def test_a_new_image_in_a_source_folder_is_indexed(e2e):

@@ -5,34 +5,28 @@
 # bulk/shards/<k>/ (masks/, prob/, overlays/, scores.csv, ledger.csv), merged scores and ledger in bulk/.
 BULK = config["bulk"]
 
+
 wildcard_constraints:
     bshard=r"\d{5}",
 
 
 if BULK["input"]:
     BULK_ROOT = str(resolve_path(BULK["input"]))
-    BULK_MODELS = str(resolve_path(BULK["models"])) if BULK["models"] else R("bundle")
+    BULK_MODELS = str(resolve_path(BULK["models"])) if BULK["models"] else R("bundle/bundle.json")
 
     checkpoint bulk_list:
         output:
             lists=directory(R("bulk/lists")),
+        log:
+            R("logs/bulk_list.log"),
+        conda:
+            CONDA_ENV
         params:
             root=BULK_ROOT,
             shard_size=BULK["shard_size"],
             code=code("bulk"),
-        conda:
-            CONDA_ENV
-        log:
-            R("logs/bulk_list.log"),
         shell:
-            "{MF} bulk list --root {params.root} --shard-size {params.shard_size} --out {output.lists} > {log} 2>&1"
-
-    def bulk_list_file(wildcards):
-        return str(Path(checkpoints.bulk_list.get().output.lists) / f"{wildcards.bshard}.txt")
-
-    def bulk_shard_dirs(wildcards):
-        lists = Path(checkpoints.bulk_list.get().output.lists)
-        return [R("bulk/shards", p.stem) for p in sorted(lists.glob("*.txt"))]
+            "morphfuse bulk list --root {params.root} --shard-size {params.shard_size} --out {output.lists} > {log} 2>&1"
 
     rule bulk_detect:
         input:
@@ -40,21 +34,21 @@ if BULK["input"]:
             models=BULK_MODELS,
         output:
             out=directory(R("bulk/shards/{bshard}")),
+        log:
+            R("logs/bulk_detect/{bshard}.log"),
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            gpu=1,
         params:
             root=BULK_ROOT,
             device=BULK["device"],
             batch_size=BULK["batch_size"],
             code=code("detect"),
-        threads: 1
-        resources:
-            gpu=1,
-        conda:
-            CONDA_ENV
-        log:
-            R("logs/bulk_detect/{bshard}.log"),
         shell:
             # exit 1 = some inputs were unusable (listed in the shard's ledger.csv): the shard is still done
-            "OMP_NUM_THREADS={threads} {MF} detect --input-list {input.lst} --input-root {params.root}"
+            "OMP_NUM_THREADS={threads} morphfuse detect --input-list {input.lst} --input-root {params.root}"
             " --models {input.models} --out {output.out} --device {params.device} --batch-size {params.batch_size}"
             " --no-progress > {log} 2>&1 || [ $? -eq 1 ]"
 
@@ -64,15 +58,15 @@ if BULK["input"]:
         output:
             scores=R("bulk/scores.csv"),
             ledger=R("bulk/ledger.csv"),
+        log:
+            R("logs/bulk_merge.log"),
+        conda:
+            CONDA_ENV
         params:
             out=R("bulk"),
             code=code("bulk"),
-        conda:
-            CONDA_ENV
-        log:
-            R("logs/bulk_merge.log"),
         shell:
-            "{MF} bulk merge --shards {input.shards} --out {params.out} > {log} 2>&1"
+            "morphfuse bulk merge --shards {input.shards} --out {params.out} > {log} 2>&1"
 
     rule bulk:
         input:

@@ -1,5 +1,5 @@
 # Shared setup: config validation (defaults filled from the schema), paths, shard lists, the config slice and the
-# code hash each rule passes its stage. Nothing here writes a file: a dry run changes nothing on disk.
+# code hash that every rule passes its stage. Nothing here writes a file, so a dry run changes nothing on disk.
 import json
 import os
 import sys
@@ -27,7 +27,7 @@ from morphfuse.models.pretrained import missing_weights, weight_paths
 
 _MISSING_WEIGHTS = missing_weights(config)
 if _MISSING_WEIGHTS:
-    raise WorkflowError("pretrained weights not found offline:\n  " + "\n  ".join(_MISSING_WEIGHTS))
+    raise WorkflowError("\n  ".join(["pretrained weights not found offline:", *_MISSING_WEIGHTS]))
 
 RUN = Path(config["results_dir"]) / config["run_name"]
 SHARD_SIZE = int(config["shard_size"])
@@ -39,8 +39,15 @@ from snakemake.settings.types import DeploymentMethod
 USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 # In the conda env, the package comes from this workflow's own source tree (the env holds third-party packages only).
 SRC = str(Path(workflow.basedir) / "src")
-MF = (f"PYTHONPATH=${{PYTHONPATH:+$PYTHONPATH:}}{SRC} python -m morphfuse" if USE_CONDA
-      else f"{sys.executable} -m morphfuse")
+_MORPHFUSE = (
+    f"PYTHONPATH=${{PYTHONPATH:+$PYTHONPATH:}}{SRC} python -m morphfuse"
+    if USE_CONDA
+    else f"{sys.executable} -m morphfuse"
+)
+# Every rule's command calls `morphfuse <stage>`, as a user would type it: a shell function, defined in front of
+# every shell command, that runs this package with this interpreter (with --sdm conda: the env's python and this
+# source tree). Also in cluster jobs, which parse this file again.
+shell.prefix(f'set -euo pipefail; morphfuse() {{{{ {_MORPHFUSE} "$@"; }}}}; ')  # braces: formatted twice
 CONDA_ENV = "../../envs/morphfuse.yaml"
 
 
@@ -108,16 +115,66 @@ def train_shards():
     return shard_ids(["train", "val"])
 
 
-# The effective config (config.yaml + --configfile/--config + schema defaults), written by a rule of its own, read
-# by the report and the bundle; it is rewritten only when the config changes (its param), never at parse time.
-rule effective_config:
-    output:
-        R("config.effective.yaml"),
-    params:
-        config=config_slice(*sorted(config)),
-        code=code("config"),
-    localrule: True
-    log:
-        R("logs/effective_config.log"),
-    shell:
-        "{MF} config --config {params.config:q} --out {output} > {log} 2>&1"
+# ---------------------------------------------------------------- input functions of the rules (in rule order)
+def forge_files(wildcards):
+    """Local models a generator loads (diffusion pipelines, face-alignment weights): replacing one reruns it."""
+    block = config["forge"][wildcards.method]
+    return local_files(
+        block.get("model_dir"),
+        config["faces"]["face_alignment"]["torch_home"] if config["faces"]["backend"] == "face_alignment" else None,
+    )
+
+
+def forged_rows(wildcards):
+    return [R("forge", m, k, "rows.parquet") for m in config["forge"]["methods"] for k in forge_shard_ids()]
+
+
+def all_ledgers(wildcards):
+    """Every ledger of the main DAG (the tables count them)."""
+    shards = shard_ids()
+    out = [R("ledger/index/index.csv")]
+    out += [R("ledger/forge", f"{m}_{k}.csv") for m in config["forge"]["methods"] for k in forge_shard_ids()]
+    out += [R("ledger", st, f"{s}.csv") for st in ("faces", "crops", "features_lfdl", "features_mitl") for s in shards]
+    out += [
+        R("ledger", st, f"{v}_{s}.csv")
+        for st in ("fuse", "evaluate")
+        for v in config["fusion"]["variants"]
+        for s in eval_shards()
+    ]
+    return out
+
+
+def RB(*parts):
+    """A path of the robustness sweep: results/<run>/robustness/{perturb}/..."""
+    return R("robustness", "{perturb}", *parts)
+
+
+def bulk_list_file(wildcards):
+    return str(Path(checkpoints.bulk_list.get().output.lists) / f"{wildcards.bshard}.txt")
+
+
+def bulk_shard_dirs(wildcards):
+    lists = Path(checkpoints.bulk_list.get().output.lists)
+    return [R("bulk/shards", p.stem) for p in sorted(lists.glob("*.txt"))]
+
+
+# evaluate.thresholds: val: the fusion threshold (and the tables' and the bundle's score threshold) come from the
+# file fit_thresholds fits on the val split's predictions; fixed: the config's fusion.threshold and 0.5.
+VAL_THRESHOLDS = config["evaluate"]["thresholds"] == "val"
+THRESHOLDS = [R("thresholds/thresholds.json")] if VAL_THRESHOLDS else []
+
+
+def thresholds_arg(fixed=""):
+    """A params function: `--thresholds FILE` when they are fitted on val, else ``fixed``."""
+    return lambda wc, input: f"--thresholds {input.thresholds[0]}" if input.thresholds else fixed
+
+
+def val_shards():
+    """The val split's shards (fit_thresholds); an error when there is none."""
+    shards = shard_ids(["val"])
+    if not shards:
+        raise WorkflowError(
+            "evaluate.thresholds: val needs a val split, and the manifest has none "
+            "(split.fractions.val is 0?); set evaluate.thresholds: fixed"
+        )
+    return shards

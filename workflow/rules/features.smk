@@ -8,16 +8,16 @@ rule features_lfdl:
     output:
         npz=R("features/lfdl/{shard}.npz"),
         ledger=R("ledger/features_lfdl/{shard}.csv"),
+    log:
+        R("logs/features_lfdl/{shard}.log"),
+    conda:
+        CONDA_ENV
     params:
         size=config["lfdl"]["size"],
         mode=config["features"]["mode"],
         code=code("features"),
-    conda:
-        CONDA_ENV
-    log:
-        R("logs/features_lfdl/{shard}.log"),
     shell:
-        "{MF} features --manifest {input.shard} --crops {input.crops} --out-lfdl {output.npz}"
+        "morphfuse features --manifest {input.shard} --crops {input.crops} --out-lfdl {output.npz}"
         " --lfdl-size {params.size} --mode {params.mode} --ledger {output.ledger} > {log} 2>&1"
 
 
@@ -27,15 +27,15 @@ rule features_mitl:
     output:
         npz=R("features/mitl/{shard}.npz"),
         ledger=R("ledger/features_mitl/{shard}.csv"),
+    log:
+        R("logs/features_mitl/{shard}.log"),
+    conda:
+        CONDA_ENV
     params:
         size=config["mitl"]["size"],
         mode=config["features"]["mode"],
         low_band=config["mitl"]["low_band"],
         code=code("features"),
-    conda:
-        CONDA_ENV
-    log:
-        R("logs/features_mitl/{shard}.log"),
     shell:
-        "{MF} features --manifest {input.shard} --out-mitl {output.npz} --mitl-size {params.size}"
+        "morphfuse features --manifest {input.shard} --out-mitl {output.npz} --mitl-size {params.size}"
         " --mode {params.mode} --low-band {params.low_band} --ledger {output.ledger} > {log} 2>&1"

@@ -6,9 +6,11 @@ def _launcher(model):
     """One process on a CPU or one GPU; torchrun with one process per GPU otherwise (DDP inside one job)."""
     gpus = int(config[model]["gpus"])
     if gpus > 1:
-        return (f"{sys.executable} -m torch.distributed.run --standalone"
-                f" --nproc_per_node=${{SLURM_GPUS_ON_NODE:-{gpus}}} -m morphfuse")
-    return MF
+        return (
+            f"{sys.executable} -m torch.distributed.run --standalone"
+            f" --nproc_per_node=${{SLURM_GPUS_ON_NODE:-{gpus}}} -m morphfuse"
+        )
+    return "morphfuse"  # the shell function (common.smk)
 
 
 # Keys of a model block that do not reach training: the paper's settings (a reference) and the CPU threads.
@@ -26,6 +28,10 @@ def _weights(model):
     return weight_paths(config, model)
 
 
+# The trained model that predict, the robustness sweep and export use (export.checkpoint): the last or the best on val.
+MODEL_FILE = {"last": "model.pt", "best": "model_best.pt"}[config["export"]["checkpoint"]]
+
+
 for _model in ("lfdl", "mitl"):
 
     rule:
@@ -36,22 +42,23 @@ for _model in ("lfdl", "mitl"):
             weights=_weights(_model),
         output:
             model=R("models", _model, "model.pt"),
+            model_best=R("models", _model, "model_best.pt"),
             metrics=R("models", _model, "metrics.csv"),
-        params:
-            model=_model,
-            out=R("models", _model),
-            launcher=_launcher(_model),
-            config=config_slice(*_training_keys(_model)),
-            code=code("train"),
+        log:
+            R("logs", f"train_{_model}.log"),
+        conda:
+            CONDA_ENV
         threads: config[_model]["threads"]
         resources:
             gpu=config[_model]["gpus"],
             # from batch size, workers and processes, not from the data (training streams it)
             mem_mb=train_mem_mb_from_config(config, _model),
-        conda:
-            CONDA_ENV
-        log:
-            R("logs", f"train_{_model}.log"),
+        params:
+            model=_model,
+            out=lambda wc, output: str(Path(output.model).parent),
+            launcher=_launcher(_model),
+            config=config_slice(*_training_keys(_model)),
+            code=code("train"),
         shell:
             "OMP_NUM_THREADS={threads} {params.launcher} train {params.model} --config {params.config:q}"
             " --features {input.features} --out {params.out} --resume auto > {log} 2>&1"
@@ -59,9 +66,15 @@ for _model in ("lfdl", "mitl"):
 
 # Parameters of the predict rules that are not paths (shared with the robustness sweep's copies of these rules).
 PREDICT_PARAMS = {
-    m: dict(model=m, code=code("predict"),
-            score=f" --score-rule {config['mitl']['score']['rule']} --score-percent {config['mitl']['score']['percent']}"
-            if m == "mitl" else "")
+    m: dict(
+        model=m,
+        code=code("predict"),
+        score=(
+            f" --score-rule {config['mitl']['score']['rule']} --score-percent {config['mitl']['score']['percent']}"
+            if m == "mitl"
+            else ""
+        ),
+    )
     for m in ("lfdl", "mitl")
 }
 
@@ -72,24 +85,24 @@ if config["predictions"]["source"] == "models":
             name:
                 f"predict_{_model}"
             input:
-                model=R("models", _model, "model.pt"),
+                model=R("models", _model, MODEL_FILE),
                 features=R("features", _model, "{shard}.npz"),
                 shard=R("manifest/shards/{shard}.parquet"),
             output:
                 scores=R("predict", _model, "{shard}", "scores.csv"),
                 masks=directory(R("predict", _model, "{shard}", "masks")),
-            params:
-                **PREDICT_PARAMS[_model],
-                out=lambda wc, m=_model: R("predict", m, wc.shard),
+            log:
+                R("logs", f"predict_{_model}", "{shard}.log"),
+            conda:
+                CONDA_ENV
             threads: 1
             resources:
                 gpu=1,
-            conda:
-                CONDA_ENV
-            log:
-                R("logs", f"predict_{_model}", "{shard}.log"),
+            params:
+                **PREDICT_PARAMS[_model],
+                out=lambda wc, m=_model: R("predict", m, wc.shard),
             shell:
-                "OMP_NUM_THREADS={threads} {MF} predict {params.model} --model {input.model} --features {input.features}"
+                "OMP_NUM_THREADS={threads} morphfuse predict {params.model} --model {input.model} --features {input.features}"
                 " --manifest {input.shard} --out {params.out}{params.score} --no-progress > {log} 2>&1"
 
 else:
@@ -103,16 +116,16 @@ else:
             output:
                 scores=R("predict", _model, "{shard}", "scores.csv"),
                 masks=directory(R("predict", _model, "{shard}", "masks")),
+            log:
+                R("logs", f"predictions_from_files_{_model}", "{shard}.log"),
+            conda:
+                CONDA_ENV
             params:
                 model=_model,
                 masks=config["predictions"]["files"][f"{_model}_masks"],
                 scores=config["predictions"]["files"][f"{_model}_scores"],
                 out=lambda wc, m=_model: R("predict", m, wc.shard),
                 code=code("predictions-from-files"),
-            conda:
-                CONDA_ENV
-            log:
-                R("logs", f"predictions_from_files_{_model}", "{shard}.log"),
             shell:
-                "{MF} predictions-from-files --manifest {input.shard} --masks {params.masks}"
+                "morphfuse predictions-from-files --manifest {input.shard} --masks {params.masks}"
                 " --scores {params.scores} --out {params.out} > {log} 2>&1"
