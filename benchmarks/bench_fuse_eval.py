@@ -9,9 +9,9 @@ truth. Timed, each on the same files, best of --repeat runs, as images per CPU-s
 
   baseline   a plain OpenCV loop: read 2 probability PNGs + GT, threshold through float32, dilate/erode, OR,
              count with .sum(), cv2.imwrite the fused mask;
-  one_pass   the same work with morphfuse's functions (fusion.read_u8, fusion._fuse_u8, fusion.read_gt,
-             fusion.write_mask_png — atomic write — and the counting of evaluate_item);
-  workflow   what the workflow runs: `fuse` (fusion.fuse_pair: read 2, fuse, write) then `evaluate`
+  one_pass   the same work with morphfuse's functions (imageio.read_prob_u8, fusion._fuse_u8, imageio.read_mask,
+             imageio.write_mask_png — atomic write — and the counting of evaluate_item);
+  workflow   what the workflow runs: `fuse` (stages.fuse.fuse_pair: read 2, fuse, write) then `evaluate`
              (evaluate.evaluate_item: read the fused mask + GT, count, per-image F1/IoU), i.e. one read more.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from morphfuse import fusion
+from morphfuse import fusion, imageio
+from morphfuse.stages import fuse as fuse_stage
 from morphfuse.evaluate import Item, evaluate_item
 from morphfuse.imageio import write_png
 
@@ -72,14 +73,14 @@ def baseline(root: Path, ids, out: Path, kernel: int) -> int:
 
 
 def one_pass(root: Path, ids, out: Path, kernel: int, variant: str) -> int:
-    c = fusion.threshold_to_uint8(0.5)
+    c = imageio.threshold_to_uint8(0.5)
     total = 0
     for iid in ids:
-        a = fusion.read_u8(root / "lfdl" / f"{iid}.png")
-        b = fusion.read_u8(root / "mitl" / f"{iid}.png")
-        gt = fusion.read_gt(root / "gt" / f"{iid}.png")
+        a = imageio.read_prob_u8(root / "lfdl" / f"{iid}.png")
+        b = imageio.read_prob_u8(root / "mitl" / f"{iid}.png")
+        gt = imageio.read_mask(root / "gt" / f"{iid}.png")
         fused_u8 = fusion._fuse_u8(a, b, variant, kernel, 0.5)
-        fusion.write_mask_png(out / f"{iid}.png", fused_u8)
+        imageio.write_mask_png(out / f"{iid}.png", fused_u8)
         pred = fused_u8 >= c
         tp = int(np.count_nonzero(pred & gt))
         total += tp + (int(np.count_nonzero(pred)) - tp) + (int(np.count_nonzero(gt)) - tp)
@@ -88,7 +89,7 @@ def one_pass(root: Path, ids, out: Path, kernel: int, variant: str) -> int:
 
 def workflow(root: Path, ids, out: Path, kernel: int, variant: str) -> int:
     for iid in ids:
-        fusion.fuse_pair(root / "lfdl" / f"{iid}.png", root / "mitl" / f"{iid}.png", out / f"{iid}.png", variant,
+        fuse_stage.fuse_pair(root / "lfdl" / f"{iid}.png", root / "mitl" / f"{iid}.png", out / f"{iid}.png", variant,
                          kernel, 0.5)
     total = 0
     for iid in ids:

@@ -88,7 +88,7 @@ def test_detector_on_a_numpy_image_and_on_a_path_matches_the_cli(det, bundle, tm
     assert np.array_equal(read_gray(out / "prob" / f"{photo.stem}_mitl.png"), r.prob_mitl_u8)
     assert np.allclose(r.prob_lfdl * 255, r.prob_lfdl_u8, atol=1e-3)
     heat = read_image(out / "heatmaps" / f"{photo.stem}.png")  # the maps for the eye, in viridis
-    from morphfuse.detect import heatmap_image
+    from morphfuse.overlay import heatmap_image
 
     assert np.array_equal(heat, heatmap_image(r.prob_lfdl_u8, r.prob_mitl_u8, r.threshold))
     assert read_image(out / "overlays" / f"{photo.stem}.png").shape == rgb.shape
@@ -162,7 +162,7 @@ def test_networks_built_without_random_init_equal_the_ordinary_build(bundle):
     building (random init) and loading the state dict."""
     import torch
 
-    from morphfuse.export import load_bundle
+    from morphfuse.bundle import load_bundle
     from morphfuse.training.checkpoint import _meta_tensors, build_from_record
 
     b = load_bundle(bundle)

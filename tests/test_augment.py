@@ -112,7 +112,7 @@ def test_pixel_ops():
     img, _, _ = _sample()
     g = A.to_gray(img)
     assert g.shape == img.shape and np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2])
-    j = A.jpeg(img, 60)
+    j = A.jpeg_opencv(img, 60)
     assert j.shape == img.shape and j.dtype == np.uint8 and not np.array_equal(j, img)
     assert np.array_equal(A.brightness_contrast(img, 0.0, 0.0), img)
     assert A.brightness_contrast(img, 0.1, 0.0).astype(int).mean() > img.astype(int).mean()
@@ -203,7 +203,7 @@ def test_fast_pixel_ops_equal_their_reference_formulas():
         got = A.fancy_pca(img, np.random.default_rng(seed))
         assert np.abs(got.astype(int) - ref).max() <= 1 and (got != ref).mean() < 1e-3  # rounding ties at most
     m = rng.integers(0, 256, (30, 20), dtype=np.uint8)
-    np.testing.assert_array_equal(A.binarize_mask(m), np.where(m > 127.5, 255, 0).astype(np.uint8))
+    np.testing.assert_array_equal(A.binarize_train_mask(m), np.where(m > 127.5, 255, 0).astype(np.uint8))
     for k in (1, 2, 3):
         i2, m2, _ = A.rot90(img[:47, :47], m[:20, :20], None, k)
         np.testing.assert_array_equal(i2, np.rot90(img[:47, :47], k, axes=(0, 1)))

@@ -51,7 +51,7 @@ def test_bundle_holds_safetensors_weights_and_loads_without_pickle(bundle, monke
 def test_a_bundle_of_the_earlier_format_pt_records_gives_the_same_detection(bundle, trained, tmp_path):
     """An earlier bundle (lfdl.pt / mitl.pt model records) still loads, and both formats give equal results."""
     from morphfuse.detect import Detector, clear_model_cache
-    from morphfuse.export import sha256_file
+    from morphfuse.imageio import sha256_file
 
     old = tmp_path / "old"
     shutil.copytree(bundle, old)
@@ -73,7 +73,8 @@ def test_a_bundle_of_the_earlier_format_pt_records_gives_the_same_detection(bund
 
 
 def test_weights_of_the_wrong_model_or_a_damaged_file_are_named(bundle, tmp_path):
-    from morphfuse.export import load_bundle, sha256_file
+    from morphfuse.bundle import load_bundle
+    from morphfuse.imageio import sha256_file
 
     swapped = tmp_path / "swapped"
     shutil.copytree(bundle, swapped)

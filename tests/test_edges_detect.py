@@ -197,7 +197,7 @@ def _bundle_copy(bundle: Path, dest: Path) -> Path:
 
 def test_bundle_paths_must_stay_inside_and_types_are_checked(bundle, tmp_path, capsys):
     """Row 8: bundle.json pointing outside the bundle was accepted; wrong field types gave tracebacks."""
-    from morphfuse.export import load_bundle
+    from morphfuse.bundle import load_bundle
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -315,7 +315,7 @@ def test_detect_redoes_a_changed_input_and_keeps_names_apart(bundle, tmp_path):
 def test_detector_is_a_function_of_an_image_array(bundle):
     """The core of `Detector.from_bundle(path)(image)` (issue 13): one RGB array in, maps out."""
     from morphfuse.detect import Detector
-    from morphfuse.export import load_bundle
+    from morphfuse.bundle import load_bundle
     from morphfuse.imageio import read_image
 
     rgb = read_image(london(1)[0])

@@ -28,7 +28,7 @@ pytest.importorskip("dlib")
 
 # ---------------------------------------------------------------------------------------------------- export
 def test_bundle_layout_and_hashes(bundle, trained):
-    from morphfuse.export import sha256_file
+    from morphfuse.imageio import sha256_file
 
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["format"] == "morphfuse-bundle" and meta["format_version"] == 1
@@ -70,7 +70,7 @@ def test_model_card_content(bundle):
 
 
 def test_tampered_or_missing_file_is_named(bundle, tmp_path):
-    from morphfuse.export import load_bundle
+    from morphfuse.bundle import load_bundle
 
     copy = tmp_path / "b"
     copy.mkdir()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from morphfuse import fusion
+from morphfuse import fusion, imageio
 from morphfuse.cli import main
 
 
@@ -152,10 +152,10 @@ def test_hand_computed_7x7():
 def test_threshold_is_exact_on_uint8():
     v = np.arange(256, dtype=np.uint8).reshape(16, 16)
     for t in (0.0, 1.0, 0.5, 1 / 3, 128 / 255, 127 / 255, 0.50196, 0.999, 1e-9):
-        np.testing.assert_array_equal(fusion.binarize(v, t), ref_binarize(v, t), err_msg=str(t))
-    assert fusion.threshold_to_uint8(0.5) == 128
-    assert fusion.threshold_to_uint8(0.0) == 0
-    assert fusion.threshold_to_uint8(1.0) == 255
+        np.testing.assert_array_equal(imageio.binarize_prob(v, t), ref_binarize(v, t), err_msg=str(t))
+    assert imageio.threshold_to_uint8(0.5) == 128
+    assert imageio.threshold_to_uint8(0.0) == 0
+    assert imageio.threshold_to_uint8(1.0) == 255
 
 
 @pytest.mark.parametrize("k", [0, 2, 4, -1, -3, 2.0, 5.0, True, "5", None])

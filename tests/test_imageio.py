@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from morphfuse.imageio import (BadImageError, binarize, prob_to_uint8, read_image, read_mask, read_prob_mask,
+from morphfuse.imageio import (BadImageError, binarize_prob, prob_to_uint8, read_image, read_mask, read_prob_mask,
                                write_png, write_prob_mask)
 
 
@@ -44,7 +44,7 @@ def test_probability_masks_round_trip_and_binarise_at_128(tmp_path):
     v = np.asarray(Image.open(tmp_path / "m.png"))
     assert v.dtype == np.uint8 and v.ndim == 2
     assert v.tolist() == [[0, 127, 128, 128, 255]]
-    assert binarize(v, 0.5).tolist() == [[False, False, True, True, True]]
+    assert binarize_prob(v, 0.5).tolist() == [[False, False, True, True, True]]
     assert np.allclose(read_prob_mask(tmp_path / "m.png"), v / 255.0)
     assert prob_to_uint8(np.array([0.5])).tolist() == [128]
 

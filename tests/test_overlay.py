@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from morphfuse.detect import OUTLINE_REAL, colormap_lut, heatmap_image, overlay_image
+from morphfuse.overlay import OUTLINE_REAL, colormap_lut, heatmap_image, overlay_image
 from morphfuse.faces.crops import Crop
 
 H, W = 240, 320

@@ -139,7 +139,7 @@ def test_the_bundle_records_the_thresholds_and_detect_uses_them(tmp_path):
     from conftest import REPO
     from morphfuse.config import load_config
     from morphfuse.detect import Detector
-    from morphfuse.export import load_bundle
+    from morphfuse.bundle import load_bundle
     from model_bundle import save_model
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())

@@ -318,9 +318,9 @@ def test_data_order_and_auc():
     # An incomplete last batch is dropped (BN, SSPSL anchors), unless it is the only one.
     assert [len(b) for b in epoch_batches(10, 4, seed=0, epoch=0)] == [4, 4]
     assert [len(b) for b in epoch_batches(3, 4, seed=0, epoch=0)] == [3]
-    assert engine.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert engine.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
-    assert np.isnan(engine.roc_auc([0.1, 0.2], [1, 1]))
+    assert engine.val_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert engine.val_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert np.isnan(engine.val_auc([1, 1], [0.1, 0.2]))
 
 
 def test_ddp_two_cpu_processes(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 __version__ = "0.2.0"  # = pyproject.toml (tests/test_packaging.py)
 __all__ = ["Detector", "Detection", "load_bundle", "__version__"]
 
-_LAZY = {"Detector": "morphfuse.detect", "Detection": "morphfuse.detect", "load_bundle": "morphfuse.export"}
+_LAZY = {"Detector": "morphfuse.detect", "Detection": "morphfuse.detect", "load_bundle": "morphfuse.bundle"}
 
 
 def __getattr__(name: str):

@@ -6,7 +6,8 @@
   and what is allowed, e.g. ``fusion.kernal: unknown key (allowed: kernel, threshold, variants)``.
 - :func:`validate_config` fills every default, nested ones included (a missing block is created from its
   ``default: {}`` and then filled), so code reads ``cfg["fusion"]["kernel"]``, never ``.get(key, default)``.
-- The workflow hands each stage only the keys its rule declares (:func:`config_slice`), inline as JSON, so a stage
+- The workflow hands each stage only the keys its rule declares (the rules' ``config_slice(...)``, i.e.
+  :func:`config_json`), inline as JSON, so a stage
   cannot depend on a key whose change would not rerun it; :func:`load_stage_config` reads that (or a whole config
   file, validated, when a stage is run by hand).
 """
@@ -180,7 +181,7 @@ def load_stage_config(value: str, overrides: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ slices
-def config_slice(cfg: dict, keys: Iterable[str]) -> dict:
+def config_subset(cfg: dict, keys: Iterable[str]) -> dict:
     """The sub-config holding only ``keys`` (dotted paths, e.g. ``"forge.sbi"``), with their effective values."""
     out: dict = {}
     for dotted in keys:
@@ -188,7 +189,7 @@ def config_slice(cfg: dict, keys: Iterable[str]) -> dict:
         src: Any = cfg
         for p in parts:
             if not isinstance(src, dict) or p not in src:
-                raise UserError(f"config_slice: config has no key {dotted!r}")
+                raise UserError(f"config_subset: config has no key {dotted!r}")
             src = src[p]
         node = out
         for p in parts[:-1]:
@@ -198,9 +199,9 @@ def config_slice(cfg: dict, keys: Iterable[str]) -> dict:
 
 
 def config_json(cfg: dict, keys: Iterable[str]) -> str:
-    """:func:`config_slice` as compact, key-sorted JSON: the form a rule passes (stable, so an unchanged slice
+    """:func:`config_subset` as compact, key-sorted JSON: the form a rule passes (stable, so an unchanged slice
     never reruns a job)."""
-    return json.dumps(config_slice(cfg, keys), sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(config_subset(cfg, keys), sort_keys=True, separators=(",", ":"), default=str)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -29,19 +29,15 @@ Each band is then min-max normalised to [0, 1] per sample over (C, H, W). A cons
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import numpy as np
 import torch
 
+from .normalize import no_autocast
 
-def _no_autocast(device_type: str):
-    """Autocast off where the device type has autocast (not on the meta device, used for shape/FLOP counting)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+
 
 LOW_BANDS = ("l_shape", "square")
 
@@ -130,7 +126,7 @@ def dct_bands(x: torch.Tensor, low_band: str = "l_shape", normalize: bool = True
     a, b = high_cut(h), high_cut(w)
     rh, rw = low_cut(h), low_cut(w)
     wd = _work_dtype(x.dtype)
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         xw = x.to(wd).contiguous()
         n = shape[0] * shape[1]
         x3 = xw.view(n, h, w)

@@ -87,6 +87,8 @@ from .imageio import IMAGE_EXTENSIONS, MAX_ASPECT, MIN_SIDE, AppendLog, BadImage
     write_text_atomic
 from .ledger import Ledger
 from .outdir import RunFolder, is_run_folder
+from .overlay import heatmap_image, overlay_image
+from .textfmt import json_default
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ BATCH_PIXELS = 1 << 24  # 16.8 Mpx of full-size images at once (about 50 MB of R
 
 # ------------------------------------------------------------------------------------------------- inputs
 @dataclass
-class Item:
+class InputImage:
     name: str
     path: Path          # as given (or found below a given folder)
     abspath: str = ""   # os.path.abspath(path): the key of a done image in scores.csv
@@ -127,7 +129,7 @@ class Inputs:
     """
 
     def __init__(self, exclude=(), known: dict[str, str] | None = None):
-        self.items: list[Item] = []
+        self.items: list[InputImage] = []
         self.problems: list[tuple[str, str]] = []
         self.known = dict(known or {})
         self.taken: set[str] = set(self.known.values())
@@ -174,7 +176,7 @@ class Inputs:
             while name in self.taken:
                 name, k = f"{base}_{k}", k + 1
         self.taken.add(name)
-        self.items.append(Item(name, path, abspath, f"{st.st_size}:{st.st_mtime_ns}"))
+        self.items.append(InputImage(name, path, abspath, f"{st.st_size}:{st.st_mtime_ns}"))
 
     def add_listed(self, root: Path, rels: list[str]) -> None:
         """Paths relative to ``root`` (``--input-list``), named as if found in that folder."""
@@ -211,7 +213,7 @@ class Inputs:
 
 
 def collect_inputs(paths: list[str], exclude=(), known: dict[str, str] | None = None,
-                   listed: tuple[Path, list[str]] | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+                   listed: tuple[Path, list[str]] | None = None) -> tuple[list[InputImage], list[tuple[str, str]]]:
     """The images to process, with unique names, and the ``(path, reason)`` of inputs that cannot be used.
     ``listed``: ``(root, relative paths)`` named as if found in the folder ``root`` (``--input-list``)."""
     inputs = Inputs(exclude, known)
@@ -345,7 +347,8 @@ class Detector:
         import torch
 
         from .faces.backends import get_backend
-        from .fusion import VARIANTS, check_kernel, check_threshold
+        from .fusion import VARIANTS, check_kernel
+        from .imageio import check_threshold
 
         meta = bundle.meta
         self.bundle = bundle
@@ -387,7 +390,7 @@ class Detector:
         """A detector for the bundle folder ``path`` (written by ``morphfuse export``; every file is checked
         against bundle.json's hashes unless ``verify=False``). ``device``: ``cpu``, ``cuda`` or ``auto``;
         ``variant``, ``kernel``, ``threshold``: the fusion settings (default: the bundle's)."""
-        from .export import load_bundle
+        from .bundle import load_bundle
 
         return cls(load_bundle(path, verify=verify), device, variant, kernel, threshold, batch_size, perturb)
 
@@ -512,144 +515,6 @@ def clear_model_cache() -> None:
     _MODELS.clear()
 
 
-# ---------------------------------------------------------------------------------------------- overlay
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        return ImageFont.load_default()
-
-
-def _tint(rgb: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.45, rows: int = 512,
-          outline=(255, 255, 0)) -> np.ndarray:
-    """``forge.contact_sheet.overlay``'s tint and outline, computed a band of rows at a time (the same values,
-    without a full-size float copy of the image). ``colour=None``: the outline only."""
-    import cv2
-
-    out = rgb.copy()
-    if colour is not None:
-        c = np.asarray(colour, np.float32)
-        for y in range(0, out.shape[0], rows):
-            band, m = out[y:y + rows], mask[y:y + rows]
-            if m.any():
-                band[m] = ((1 - alpha) * band[m].astype(np.float32) + alpha * c).astype(np.uint8)
-    contours, _ = cv2.findContours(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8),
-                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, outline, max(1, rgb.shape[0] // 256))
-    return out
-
-
-TINT = (255, 0, 0)          # the fused mask of an image judged FAKE
-OUTLINE_FAKE = (255, 255, 0)
-OUTLINE_REAL = (0, 200, 255)  # regions above t of an image judged REAL: outlined only, never tinted
-CROP = (0, 220, 0)
-HEATMAP_SIDE = 1024           # a heatmap panel's long side at most (a view; the exact values are in prob/)
-
-
-def _text_fit(draw, texts: list[str], font, width: int) -> str:
-    return next((t for t in texts if draw.textlength(t, font=font) <= width - 8), texts[-1])
-
-
-def overlay_image(rgb: np.ndarray, fused: np.ndarray, crops, score: float, mitl_score: float, fake: bool,
-                  n_faces: int, variant: str, threshold: float = 0.5, fake_threshold: float = 0.5) -> np.ndarray:
-    """The image (same size) with the verdict, the mask drawn to match it, the face crops and a legend.
-
-    FAKE (score >= ``fake_threshold``): the fused mask tinted red and outlined in yellow, labelled
-    "manipulated (p >= t)". REAL: nothing is tinted; the regions where the fused mask is set (p >= t) are only
-    outlined in cyan and labelled as such, "image judged real", so a real verdict never shows a red region.
-    Face crops are green boxes. A top band gives the verdict and the scores, a bottom band the legend."""
-    import cv2
-    from PIL import Image, ImageDraw
-
-    h, w = rgb.shape[:2]
-    mask = fused.astype(bool, copy=False)
-    if fake:
-        out = _tint(rgb, mask, TINT, outline=OUTLINE_FAKE)
-    else:
-        out = _tint(rgb, mask, None, outline=OUTLINE_REAL)
-    thick = max(1, min(h, w) // 300)
-    for c in crops:
-        if c.face_idx >= 0:
-            cv2.rectangle(out, (int(c.x0), int(c.y0)), (int(c.x1) - 1, int(c.y1) - 1), CROP, thick)
-    size = max(10, min(w // 32, 28))
-    font = _font(size)
-    verdict = "FAKE" if fake else "REAL"
-    rel = ">=" if fake else "<"
-    top = [f"{verdict}  score {score:.3f} {rel} {fake_threshold:g}  |  MITL {mitl_score:.3f}  |  faces {n_faces}  "
-           f"|  mask {fused.mean():.1%} ({variant})", f"{verdict}  score {score:.3f} {rel} {fake_threshold:g}",
-           f"{verdict} {score:.2f}", verdict]
-    if fake:
-        legend = [f"red: manipulated (fused mask, p >= {threshold:g})  |  green: face crop",
-                  f"red: manipulated (p >= {threshold:g})", f"red: p >= {threshold:g}"]
-    else:
-        legend = [f"cyan outline: regions with p >= {threshold:g} (image judged real)  |  green: face crop",
-                  f"cyan outline: p >= {threshold:g} (image judged real)", f"outline: p >= {threshold:g}"]
-    band = min(h // 2, size + 8)
-    for y0, texts, colour in ((0, top, (255, 70, 70) if fake else (120, 255, 120)),
-                              (h - band, legend, (255, 255, 255))):
-        strip = Image.fromarray(np.ascontiguousarray(out[y0:y0 + band]))  # only the bands go through Pillow
-        draw = ImageDraw.Draw(strip, "RGBA")
-        draw.rectangle([0, 0, w, band], fill=(0, 0, 0, 170))
-        x = 4
-        if y0:  # the legend's swatch: the colour the mask is drawn in
-            sw = max(6, size - 4)
-            draw.rectangle([x, 4, x + sw, 4 + sw], fill=TINT if fake else None,
-                           outline=OUTLINE_FAKE if fake else OUTLINE_REAL, width=max(1, sw // 6))
-            x += sw + 6
-        draw.text((x, 3), _text_fit(draw, texts, font, w - x), fill=colour, font=font)
-        out[y0:y0 + band] = np.asarray(strip)
-    return out
-
-
-def colormap_lut() -> np.ndarray:
-    """The perceptual colour map of the heatmaps: viridis (OpenCV's table), 256 × 3 uint8 RGB, dark to light
-    (its luminance increases with the probability)."""
-    import cv2
-
-    return np.ascontiguousarray(
-        cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_VIRIDIS)[:, 0, ::-1])
-
-
-def heatmap_image(lfdl_u8: np.ndarray, mitl_u8: np.ndarray, threshold: float = 0.5,
-                  max_side: int = HEATMAP_SIDE) -> np.ndarray:
-    """The two probability maps side by side in viridis (:func:`colormap_lut`), each titled, with a colour bar
-    (0 to 1, the mask threshold ``t`` marked); each panel at most ``max_side`` px on its long side (area
-    averaging). RGB uint8."""
-    import cv2
-    from PIL import Image, ImageDraw
-
-    h, w = lfdl_u8.shape[:2]
-    f = min(1.0, max_side / max(h, w))
-    ph, pw = max(1, round(h * f)), max(1, round(w * f))
-    lut = colormap_lut()
-    panels = [lut[cv2.resize(m, (pw, ph), interpolation=cv2.INTER_AREA) if f < 1 else m] for m in (lfdl_u8, mitl_u8)]
-    size = max(11, min(pw // 24, 22))
-    font = _font(size)
-    title_h, gap, bar_w, label_w = size + 10, 8, max(12, pw // 40), 4 * size
-    W = 2 * pw + gap + gap + bar_w + label_w
-    H = title_h + ph
-    canvas = np.full((H, W, 3), 255, np.uint8)
-    canvas[title_h:, :pw] = panels[0]
-    canvas[title_h:, pw + gap:2 * pw + gap] = panels[1]
-    bx = 2 * pw + 2 * gap
-    ramp = lut[np.linspace(255, 0, ph).round().astype(np.uint8)]  # top: p = 1
-    canvas[title_h:, bx:bx + bar_w] = ramp[:, None, :]
-    img = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 4), "LFDL probability (faces only)", fill=(0, 0, 0), font=font)
-    draw.text((pw + gap + 4, 4), "MITL probability", fill=(0, 0, 0), font=font)
-    ty = title_h + round((1 - threshold) * (ph - 1))
-    draw.line([bx - 3, ty, bx + bar_w + 2, ty], fill=(255, 0, 0), width=max(1, size // 8))
-    for v, text in ((1.0, "1"), (0.0, "0")):
-        y = title_h + round((1 - v) * (ph - 1))
-        draw.text((bx + bar_w + 4, min(max(y - size // 2, title_h), H - size - 2)), text, fill=(0, 0, 0), font=font)
-    draw.text((bx + bar_w + 4, min(max(ty - size // 2, title_h + size + 2), H - 2 * size - 4)), f"t={threshold:g}",
-              fill=(200, 0, 0), font=font)
-    return np.asarray(img)
-
-
 # ------------------------------------------------------------------------------------------ the run folder
 def read_rows(out: Path) -> list[dict]:
     """The complete rows of ``out/scores.csv`` (a line cut by a crash is dropped), the last one per image."""
@@ -730,8 +595,9 @@ def detect(inputs: list[str], models: str | os.PathLike, out: str | os.PathLike,
     ``perturb``: ``KIND:LEVEL`` applied to every image before detection (:mod:`morphfuse.perturb`)."""
     import torch
 
-    from .export import load_bundle
-    from .fusion import VARIANTS, check_kernel, check_threshold
+    from .bundle import load_bundle
+    from .fusion import VARIANTS, check_kernel
+    from .imageio import check_threshold
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch finds no CUDA device")
@@ -762,6 +628,64 @@ def detect(inputs: list[str], models: str | os.PathLike, out: str | os.PathLike,
                             listed, pert)
 
 
+def _prepare_folder(folder: RunFolder, by_name: dict) -> None:
+    """The folder as it must be before appending: the rows that parsed (a cut line dropped), no file without a
+    row, a fresh ledger (failed inputs are tried again), no scores.json until the run completes."""
+    out = folder.path
+    for sub in ("masks", "prob", "heatmaps", "overlays"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if folder.resumed:
+        write_text_atomic(out / "scores.csv", csv_line(COLUMNS) + "".join(_row_line(r) for r in by_name.values()))
+        n_orphans = _remove_orphans(out, set(by_name))
+        if n_orphans:
+            log.info("detect: removed %d file(s) of an image that an earlier run did not finish", n_orphans)
+    (out / "scores.json").unlink(missing_ok=True)
+
+
+def _progress_bar(total: int, progress: bool):
+    """detect's bar on stderr: live on a terminal, a line every 30 s in a log file, none with ``progress`` off."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc="detect", unit="img", file=sys.stderr, disable=not progress,
+                mininterval=0.5 if interactive else 30.0, dynamic_ncols=interactive)
+
+
+def _sized(todo, fail, bar, min_side: int, max_aspect: float):
+    """(item, pixels) of the usable inputs, from their headers: batches are cut before decoding; an unreadable
+    header or an image too small or thin to analyse is a ledger line (``fail``)."""
+    for it in todo:
+        try:
+            w, h = header_size(it.path)
+        except BadImageError as e:
+            fail(it.name, it.path, e.reason)
+            bar.update(1)
+            continue
+        why = unusable_size(w, h, min_side, max_aspect)
+        if why:
+            fail(it.name, it.path, why)
+            bar.update(1)
+            continue
+        yield it, w * h
+
+
+def _run_settings(bundle, det: "Detector", dev, min_side: int, max_aspect: float, perturbation) -> dict:
+    """What made these results (scores.json's ``settings``): the bundle and its hash, fusion, thresholds, device,
+    faces and crops, the size limits, the perturbation."""
+    return {"bundle": str(bundle.path.resolve()), "bundle_sha256": bundle.digest,
+            "config_hash": bundle.meta["config"].get("hash"), "variant": det.variant, "kernel": det.kernel,
+            "threshold": det.threshold, "fake_threshold": det.fake_threshold, "image_score": "lfdl",
+            "device": dev, "faces": bundle.meta["faces"], "crops": bundle.meta["crops"],
+            "min_side": min_side, "max_aspect": max_aspect,
+            "perturb": perturbation.spec if perturbation is not None else None}
+
+
+def _write_scores_json(out: Path, settings: dict, rows: list[dict], failed: list) -> None:
+    """scores.json: the run's settings, one entry per image, the failed inputs (written when the run completes)."""
+    doc = {"settings": settings, "images": rows, "failed": failed}
+    write_text_atomic(out / "scores.json", json.dumps(doc, indent=2, default=json_default) + "\n")
+
+
 def _detect_into(folder: RunFolder, inputs, bundle, dev, variant, kernel, threshold, batch_size, batch_pixels,
                  min_side, max_aspect, progress, listed=None, perturbation=None) -> dict:
     from tqdm import tqdm
@@ -779,22 +703,11 @@ def _detect_into(folder: RunFolder, inputs, bundle, dev, variant, kernel, thresh
     if n_done:
         log.info("detect: %d of %d input image(s) already done in %s (same bundle and settings): skipped",
                  n_done, len(items), out)
-    # The folder as it must be before appending: the rows that parsed (a cut line dropped), no file without a
-    # row, a fresh ledger (failed inputs are tried again), no scores.json until the run completes.
-    for sub in ("masks", "prob", "heatmaps", "overlays"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    if folder.resumed:
-        write_text_atomic(out / "scores.csv", csv_line(COLUMNS) + "".join(_row_line(r) for r in by_name.values()))
-        n_orphans = _remove_orphans(out, set(by_name))
-        if n_orphans:
-            log.info("detect: removed %d file(s) of an image that an earlier run did not finish", n_orphans)
-    (out / "scores.json").unlink(missing_ok=True)
+    _prepare_folder(folder, by_name)
     det = Detector(bundle, dev, variant, kernel, threshold, batch_size, perturbation)
     ledger = Ledger(STAGE).stream_to(out / "ledger.csv")
     scores_log = AppendLog(out / "scores.csv", header=csv_line(COLUMNS).rstrip("\n"))
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=len(todo), desc="detect", unit="img", file=sys.stderr, disable=not progress,
-               mininterval=0.5 if interactive else 30.0, dynamic_ncols=interactive)
+    bar = _progress_bar(len(todo), progress)
 
     def fail(name: str, path, reason: str) -> None:
         ledger.add(name, path, reason)
@@ -809,24 +722,8 @@ def _detect_into(folder: RunFolder, inputs, bundle, dev, variant, kernel, thresh
         for path, reason in problems:
             fail(safe_name(Path(path).stem or path), path, reason)
 
-        def sized():
-            """(item, pixels) of the usable inputs, from their headers: batches are cut before decoding."""
-            for it in todo:
-                try:
-                    w, h = header_size(it.path)
-                except BadImageError as e:
-                    fail(it.name, it.path, e.reason)
-                    bar.update(1)
-                    continue
-                why = unusable_size(w, h, min_side, max_aspect)
-                if why:
-                    fail(it.name, it.path, why)
-                    bar.update(1)
-                    continue
-                yield it, w * h
-
-        for batch in pixel_batches(sized(), batch_pixels, batch_size):
-            ok: list[tuple[Item, np.ndarray, list, list]] = []
+        for batch in pixel_batches(_sized(todo, fail, bar, min_side, max_aspect), batch_pixels, batch_size):
+            ok: list[tuple[InputImage, np.ndarray, list, list]] = []
             for it in batch:
                 try:
                     rgb = det.prepare(read_image(it.path), it.name)
@@ -865,14 +762,7 @@ def _detect_into(folder: RunFolder, inputs, bundle, dev, variant, kernel, thresh
     rows = list(by_name.values())
     if n_new:  # one row per image (a redone image appended a second one)
         write_text_atomic(out / "scores.csv", csv_line(COLUMNS) + "".join(_row_line(r) for r in rows))
-    settings = {"bundle": str(bundle.path.resolve()), "bundle_sha256": bundle.digest,
-                "config_hash": bundle.meta["config"].get("hash"), "variant": det.variant, "kernel": det.kernel,
-                "threshold": det.threshold, "fake_threshold": det.fake_threshold, "image_score": "lfdl",
-                "device": dev, "faces": bundle.meta["faces"], "crops": bundle.meta["crops"],
-                "min_side": min_side, "max_aspect": max_aspect,
-                "perturb": perturbation.spec if perturbation is not None else None}
-    doc = {"settings": settings, "images": rows, "failed": ledger.rows}
-    write_text_atomic(out / "scores.json", json.dumps(doc, indent=2, default=_json_default) + "\n")
+    _write_scores_json(out, _run_settings(bundle, det, dev, min_side, max_aspect, perturbation), rows, ledger.rows)
     return {"rows": rows, "failed": ledger.n_errors, "images": len(items) + len(problems), "skipped": n_done,
             "new": n_new}
 
@@ -899,17 +789,6 @@ def _write_image_outputs(out: Path, name: str, rgb, r: Detection) -> None:
         for p in written:
             p.unlink(missing_ok=True)
         raise
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        v = float(o)
-        return v if math.isfinite(v) else None
-    if isinstance(o, np.bool_):
-        return bool(o)
-    return str(o)
 
 
 # --------------------------------------------------------------------------------------------------- CLI

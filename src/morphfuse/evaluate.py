@@ -58,11 +58,11 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .fusion import read_gt, read_u8, threshold_to_uint8
 from .inputs import read_parquet_arg, read_text_arg
-from .imageio import BadImageError, EncodingNotes, MaskNotes, ProbNotes, check_prob_encoding, header_size, \
-    identical_files, walk_images, write_parquet
+from .imageio import BadImageError, EncodingNotes, MaskNotes, ProbNotes, check_prob_encoding, identical_files, \
+    image_hw, read_mask, read_prob_u8, threshold_to_uint8, walk_images, write_parquet
 from .ledger import Ledger
+from .textfmt import fmt_metric, json_default, json_ready, md_table
 from .outdir import commit_files
 from .metrics import AVERAGING, EMPTY, IMAGES, IOU, Convention, f1_from_counts, iou_from_counts, summarize
 from .metrics import resize_nearest
@@ -97,12 +97,6 @@ def detection_scores_of(variant: str) -> str:
     """Whose image scores a fusion variant is evaluated with: LFDL's (the paper: detection comes from LFDL), except
     the ``mitl`` row, which scores images from its own mask."""
     return "mitl" if variant == "mitl" else "lfdl"
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image as displayed, from its header only (:func:`imageio.header_size`)."""
-    w, h = header_size(path)
-    return h, w
 
 
 def read_scores(path: Path) -> dict[str, float | str]:
@@ -167,15 +161,15 @@ def evaluate_item(item: Item, pred_path: Path, score: float | str | None, thresh
         if item.label == 1:
             if item.gt_path is None:
                 return row, [(str(item.image_path), "fake image without a ground-truth mask")]
-            gt = read_gt(item.gt_path, gt_notes)
-            hw = item.hw if item.hw is not None else image_size(item.image_path)
+            gt = read_mask(item.gt_path, notes=gt_notes)
+            hw = item.hw if item.hw is not None else image_hw(item.image_path)
             if tuple(gt.shape) != tuple(hw):
                 return row, [(str(item.gt_path), f"ground-truth mask is {gt.shape[1]}x{gt.shape[0]} but its image "
                                                  f"is {hw[1]}x{hw[0]}")]
         else:
-            hw = item.hw if item.hw is not None else image_size(item.image_path)
+            hw = item.hw if item.hw is not None else image_hw(item.image_path)
         if baseline is None:
-            pred_u8 = read_u8(pred_path)
+            pred_u8 = read_prob_u8(pred_path)
             check_prob_encoding(pred_u8, pred_path, pred_notes)
         else:
             pred_u8 = baseline.mask(item.image_id, (int(hw[0]), int(hw[1])))
@@ -369,17 +363,13 @@ def _valid_size(v) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- reports
-def _fmt(v, nd=4) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
-
-
 def metrics_markdown(m: dict, title: str) -> str:
     c = m["convention"]
     lines = [f"# {title}", "",
              f"Convention: averaging={c['averaging']}, images={c['images']}, iou={c['iou']}, empty={c['empty']}, "
              f"mask threshold={c['threshold']:g}, score threshold={m['score_threshold']:g}.", "",
-             "| AUC | F1 | IoU | Final | AP | EER | ACC |", "|---|---|---|---|---|---|---|",
-             "| " + " | ".join(_fmt(m[k]) for k in ("auc", "f1", "iou", "final", "ap", "eer", "accuracy")) + " |", ""]
+             *md_table(["AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"],
+                       [[fmt_metric(m[k]) for k in ("auc", "f1", "iou", "final", "ap", "eer", "accuracy")]]), ""]
     for k in ("auc_reason", "localization_reason", "final_reason"):
         if m.get(k):
             lines.append(f"- {k.replace('_', ' ')}: {m[k]}")
@@ -394,26 +384,19 @@ def metrics_markdown(m: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if math.isnan(o) else float(o)
-    raise TypeError(type(o).__name__)
-
-
-def _clean(o):
-    """JSON-ready: NaN and pandas NA become null, recursively."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if o is pd.NA or (isinstance(o, (float, np.floating)) and math.isnan(o)):
-        return None
-    return o
-
-
 # ----------------------------------------------------------------------------------------------------- CLI
+def convention_arguments(ev: dict) -> str:
+    """The command-line form of the config's metric convention (``evaluate:`` block), as the evaluate and tables
+    rules pass it: the options :func:`add_convention_arguments` defines.
+
+    >>> convention_arguments({"averaging": "per_image", "images": "fake_only", "iou": "foreground", "empty": "skip",
+    ...                       "threshold": 0.5})
+    '--averaging per_image --images fake_only --iou foreground --empty skip --threshold 0.5'
+    """
+    return (f"--averaging {ev['averaging']} --images {ev['images']} --iou {ev['iou']} --empty {ev['empty']}"
+            f" --threshold {ev['threshold']}")
+
+
 def add_convention_arguments(p: argparse.ArgumentParser, with_threshold: bool = True) -> None:
     from .config import default
 
@@ -519,15 +502,15 @@ def run(args: argparse.Namespace) -> int:
                            "scores": str(args.scores), "baseline": args.baseline}
             title = (f"Evaluation of {args.variant or args.pred_masks or 'baseline ' + str(args.baseline)} on "
                      f"{args.dataset}")
-            metrics_json = json.dumps(_clean(m), indent=2, default=_json_default) + "\n"
+            metrics_json = json.dumps(json_ready(m), indent=2, default=json_default) + "\n"
             commit_files([
                 (args.out / "per_image.parquet", lambda tmp: df.to_parquet(tmp, index=False)),
                 (args.out / "ledger.csv", lambda tmp: ledger.frame().to_csv(tmp, index=False)),
                 (args.out / "metrics.json", lambda tmp: Path(tmp).write_text(metrics_json)),
                 (args.out / "metrics.md", lambda tmp: Path(tmp).write_text(metrics_markdown(m, title))),
             ])
-        log.info("AUC %s  F1 %s  IoU %s  Final %s (%d images, %d errors)", _fmt(m["auc"]), _fmt(m["f1"]),
-                 _fmt(m["iou"]), _fmt(m["final"]), m["n_images"], m["n_errors"])
+        log.info("AUC %s  F1 %s  IoU %s  Final %s (%d images, %d errors)", fmt_metric(m["auc"]), fmt_metric(m["f1"]),
+                 fmt_metric(m["iou"]), fmt_metric(m["final"]), m["n_images"], m["n_errors"])
     else:
         df = evaluate_items(items, args.pred_masks, scores, conv.threshold, conv.iou, conv.empty, ledger, args.variant,
                             baseline)

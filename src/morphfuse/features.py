@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # pandas is imported where it is used: not on `morphfuse dete
 
 from . import dct, srm
 from .errors import UserError
+from .inputs import read_parquet_arg
 from .imageio import BadImageError, atomic_path, read_image, read_mask
 from .ledger import Ledger
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, lfdl_input, mitl_input  # noqa: F401 (re-exported)
@@ -311,17 +312,6 @@ def _check_columns(df: pd.DataFrame, required, what: str, path) -> None:
         raise UserError(f"{path}: {what} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))})")
 
 
-def _read_parquet(path, what: str) -> pd.DataFrame:
-    import pandas as pd
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: {what} does not exist")
-    try:
-        return pd.read_parquet(p)
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise UserError(f"{p}: cannot read the {what} as Parquet ({type(e).__name__}: {e})") from None
-
-
 def _is_empty(v) -> bool:
     import pandas as pd
     if v is None or (not isinstance(v, str) and bool(pd.isna(v))):
@@ -541,14 +531,14 @@ def run(args: argparse.Namespace) -> int:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"--device {args.device!r} is not usable here ({e})") from None
-    manifest = _read_parquet(args.manifest, "manifest shard")
+    manifest = read_parquet_arg(args.manifest, "--manifest")
     _check_columns(manifest, MANIFEST_COLUMNS, "manifest shard", args.manifest)
     if manifest["image_id"].duplicated().any():
         dup = manifest.loc[manifest["image_id"].duplicated(), "image_id"].iloc[0]
         raise UserError(f"{args.manifest}: image_id {dup!r} appears more than once")
     crops = None
     if args.out_lfdl:
-        crops = _read_parquet(args.crops, "crops parquet")
+        crops = read_parquet_arg(args.crops, "--crops")
         _check_columns(crops, CROP_COLUMNS, "crops parquet", args.crops)
     ledger = Ledger("features")
     done = write_features(manifest, crops, out_lfdl=args.out_lfdl, out_mitl=args.out_mitl,

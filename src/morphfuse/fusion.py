@@ -1,8 +1,8 @@
-"""MDMF: fuse the LFDL and MITL masks by morphology (SYSTEM.md, paper section 3.5), and ``morphfuse fuse``.
+"""MDMF: fuse the LFDL and MITL masks by morphology (SYSTEM.md, paper section 3.5): pure functions on arrays. The
+stage that applies them to folders of masks is ``morphfuse fuse`` (:mod:`morphfuse.stages.fuse`).
 
-Both folders hold single-channel probability PNGs ``<image_id>.png`` (``v = round(255·p)``) at the original image
-size. Each pair is binarised (``v / 255 >= threshold``), fused by the chosen variant and written to ``--out`` as a
-binary 0/255 PNG of the same name:
+Both masks are stored probability maps (uint8, ``v = round(255·p)``) at the original image size, binarised as
+``v / 255 >= threshold`` (:func:`morphfuse.imageio.binarize_prob_u8`), then fused by the chosen variant:
 
   lfdl        M_LFDL
   mitl        M_MITL
@@ -10,50 +10,18 @@ binary 0/255 PNG of the same name:
   mdmf        dilate(M_LFDL, B) ∪ erode(M_MITL, B)              (the paper)
   closing_or  closing(M_LFDL, B) ∪ closing(M_MITL, B)           (the authors' released code)
 
-B is a k×k square of ones (k odd, ``--kernel``, 5 by default); dilation and erosion follow OpenCV's border rule:
-the image border neither dilates nor erodes a mask. Every image needs BOTH masks, of the same size, for every
-variant (also ``lfdl`` and ``mitl``), so that all variants are computed on the same images. A mask without its
-partner, a pair of different sizes or an unreadable file is listed at the end (and in ``--ledger``, appended as
-found) and makes the exit status 1; all the good pairs are still written. ``--allow-errors`` exits 0 anyway (for
-the workflow, whose tables count the ledger rows). Probability maps holding only the values 0 and 1 are read by
-the contract (p <= 1/255: nothing reaches the threshold) and noted once in the ledger: they are most likely binary
-masks that should have been stored as 0/255.
-
-``--out`` belongs to one run (variant, kernel, threshold, input folders; recorded in ``--out/.morphfuse-run.json``):
-another run's outputs there are refused (exit 2) unless ``--overwrite``; a second fuse into an --out in use is
-refused (exit 2). Each mask is written atomically and then listed in ``--out/.morphfuse-done.csv`` with its inputs'
-sizes and mtimes, so an interrupted run (SIGTERM, a full disk: exit 3, one line) keeps what it finished and the
-same command resumes, skipping pairs whose inputs are unchanged.
+B is a k×k square of ones (k odd, 5 by default); dilation and erosion follow OpenCV's border rule: the image border
+neither dilates nor erodes a mask.
 """
 from __future__ import annotations
-
-import argparse
-import logging
-import math
-import os
-import sys
-import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import UserError, sigterm_raises
-from .imageio import AppendLog, BadImageError, EncodingNotes, ProbNotes, check_prob_encoding, csv_line, \
-    header_size, read_complete_lines, read_gray, read_mask, write_png
-from .ledger import Ledger
-
-log = logging.getLogger(__name__)
+from .imageio import binarize_prob_u8
 
 VARIANTS = ("lfdl", "mitl", "naive_or", "mdmf", "closing_or")
-STAGE = "fuse"
 
-# PNG parameters for binary masks: zlib level 1, no row filter, default strategy. Measured on 1024×1024 fused
-# masks (one core): encode 2.5 ms + decode 1.2 ms. Level 1 alone keeps libpng's adaptive filtering (7 ms to
-# encode); OpenCV's default (SUB filter + RLE) encodes in 2.4 ms but decodes in 4.2 ms, and every fused mask is
-# read again by `evaluate`.
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
-              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_DEFAULT]
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -64,45 +32,6 @@ def check_kernel(kernel) -> int:
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"kernel must be an odd integer >= 1 (3, 5, 7, ...), got {kernel}")
     return int(kernel)
-
-
-def check_threshold(threshold) -> float:
-    """Validate a probability threshold in [0, 1]."""
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
-    if not (0.0 <= t <= 1.0) or math.isnan(t):
-        raise ValueError(f"threshold must be in [0, 1] (a probability, not a pixel value), got {threshold!r}")
-    return t
-
-
-def threshold_to_uint8(threshold: float) -> int:
-    """The smallest stored value ``v`` (0..256) with ``v / 255 >= threshold``; 256 means no value reaches it.
-
-    Computed with the very expression ``v / 255.0 >= t`` on every v, so that ``u8 >= threshold_to_uint8(t)``
-    equals ``u8 / 255 >= t`` bit for bit (128 at t = 0.5), without converting the image to floats.
-    """
-    t = check_threshold(threshold)
-    passing = np.flatnonzero(np.arange(256, dtype=np.float64) / 255.0 >= t)
-    return int(passing[0]) if passing.size else 256
-
-
-def _binarize_u8(values: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 0/255 mask of ``values / 255 >= threshold`` (the form OpenCV morphology and PNG writing want)."""
-    if values.dtype != np.uint8 or values.ndim != 2:
-        raise ValueError(f"expected a single-channel uint8 mask (H×W), got {values.dtype} {values.shape}")
-    c = threshold_to_uint8(threshold)
-    if c == 0:
-        return np.full(values.shape, 255, np.uint8)
-    if c == 256:
-        return np.zeros(values.shape, np.uint8)
-    return cv2.threshold(values, c - 1, 255, cv2.THRESH_BINARY)[1]
-
-
-def binarize(values: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binarise a stored probability mask (uint8): ``values / 255 >= threshold`` as a bool array."""
-    return _binarize_u8(values, threshold) != 0
 
 
 def _structuring_element(kernel: int) -> np.ndarray:
@@ -143,11 +72,11 @@ def _fuse_u8(lfdl_u8: np.ndarray, mitl_u8: np.ndarray, variant: str, kernel: int
         raise ValueError(f"the LFDL mask is {lfdl_u8.shape[1]}x{lfdl_u8.shape[0]} but the MITL mask is "
                          f"{mitl_u8.shape[1]}x{mitl_u8.shape[0]}: both must be at the original image size")
     if variant == "lfdl":
-        return _binarize_u8(lfdl_u8, threshold)
+        return binarize_prob_u8(lfdl_u8, threshold)
     if variant == "mitl":
-        return _binarize_u8(mitl_u8, threshold)
-    a = _binarize_u8(lfdl_u8, threshold)
-    b = _binarize_u8(mitl_u8, threshold)
+        return binarize_prob_u8(mitl_u8, threshold)
+    a = binarize_prob_u8(lfdl_u8, threshold)
+    b = binarize_prob_u8(mitl_u8, threshold)
     if variant == "mdmf":
         a, b = dilate(a, kernel), erode(b, kernel)
     elif variant == "closing_or":
@@ -162,241 +91,3 @@ def fuse_masks(lfdl_u8: np.ndarray, mitl_u8: np.ndarray, variant: str, kernel: i
     ``variant`` is one of :data:`VARIANTS`; both masks must have the same size (else ``ValueError``).
     """
     return _fuse_u8(lfdl_u8, mitl_u8, variant, kernel, threshold) != 0
-
-
-# ------------------------------------------------------------------------------------------ fast file access
-def read_u8(path: str | os.PathLike) -> np.ndarray:
-    """Read a single-channel uint8 mask quickly (OpenCV); anything unusual goes through :func:`imageio.read_gray`,
-    which converts 16-bit/colour files and raises :class:`BadImageError` with a reason for unreadable ones."""
-    arr = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
-    if arr is not None and arr.dtype == np.uint8 and arr.ndim == 2:
-        return arr
-    return read_gray(path)
-
-
-def read_gt(path: str | os.PathLike, notes: EncodingNotes | None = None) -> np.ndarray:
-    """Read a ground-truth mask as bool: :func:`imageio.read_mask`, the one reader for every mask encoding (0/255,
-    0/1, palette, 16-bit, colour; fast for PNG files). ``notes`` counts 0/1 masks for one ledger line."""
-    return read_mask(path, notes=notes)
-
-
-def write_mask_png(path: str | os.PathLike, mask_u8: np.ndarray) -> None:
-    """Write a 0/255 uint8 mask as PNG atomically, with the settings that suit binary masks (PNG_PARAMS)."""
-    write_png(path, mask_u8, params=PNG_PARAMS)
-
-
-def png_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of an image from its header only; ``BadImageError`` if it cannot be opened."""
-    w, h = header_size(path)
-    return h, w
-
-
-def list_masks(folder: Path) -> dict[str, Path]:
-    """``image_id -> path`` for the ``<image_id>.png`` files of a folder (hidden/temporary files ignored)."""
-    out = {}
-    other = 0
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            if not e.name.lower().endswith(".png"):
-                other += 1
-            elif e.is_file():
-                out[e.name[:-4]] = Path(e.path)
-    if other:
-        log.warning("%s: %d entries that are not <image_id>.png files were ignored", folder, other)
-    return out
-
-
-def read_ids(path: str | os.PathLike) -> list[str]:
-    """One image_id per line (blank lines and ``#`` comments ignored), duplicates removed, order kept. A pipe
-    (``--ids <(...)``) works as well as a file."""
-    from .inputs import read_text_arg
-
-    ids = []
-    for line in read_text_arg(path, "--ids").splitlines():
-        s = line.strip()
-        if s and not s.startswith("#"):
-            ids.append(s)
-    return list(dict.fromkeys(ids))
-
-
-def fuse_pair(lfdl_path: Path, mitl_path: Path, out_path: Path, variant: str, kernel: int,
-              threshold: float, notes: EncodingNotes | None = None) -> None:
-    """Read one pair, fuse and write it. Raises ``BadImageError`` (a file) or ``ValueError`` (the pair).
-    ``notes`` (:func:`imageio.ProbNotes`) counts maps that hold only 0 and 1."""
-    if variant in ("lfdl", "mitl"):
-        # Only one branch's pixels are needed; the partner is still checked (readable header, same size).
-        if variant == "lfdl":
-            a = read_u8(lfdl_path)
-            check_prob_encoding(a, lfdl_path, notes)
-            lfdl_hw, mitl_hw = a.shape, png_size(mitl_path)
-        else:
-            a = read_u8(mitl_path)
-            check_prob_encoding(a, mitl_path, notes)
-            lfdl_hw, mitl_hw = png_size(lfdl_path), a.shape
-        if lfdl_hw != mitl_hw:
-            raise ValueError(_size_reason(lfdl_hw, mitl_hw))
-        out = _binarize_u8(a, threshold)
-    else:
-        a, b = read_u8(lfdl_path), read_u8(mitl_path)
-        check_prob_encoding(a, lfdl_path, notes)
-        check_prob_encoding(b, mitl_path, notes)
-        if a.shape != b.shape:
-            raise ValueError(_size_reason(a.shape, b.shape))
-        out = _fuse_u8(a, b, variant, kernel, threshold)
-    write_mask_png(out_path, out)
-
-
-def _size_reason(lfdl_hw, mitl_hw) -> str:
-    return (f"size mismatch: LFDL mask is {lfdl_hw[1]}x{lfdl_hw[0]}, MITL mask is {mitl_hw[1]}x{mitl_hw[0]} "
-            "(both must be at the original image size)")
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lfdl-masks", required=True, type=Path, metavar="DIR",
-                   help="LFDL probability masks <image_id>.png")
-    p.add_argument("--mitl-masks", required=True, type=Path, metavar="DIR",
-                   help="MITL probability masks <image_id>.png")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for the fused 0/255 masks")
-    p.add_argument("--variant", required=True, choices=VARIANTS, help="fusion variant (see above)")
-    from .config import default
-
-    p.add_argument(
-        "--kernel",
-        type=int,
-        default=default("fusion.kernel"),
-        help="side k of the k×k structuring element, odd (default: the config schema's fusion.kernel, %(default)s)",
-    )
-    p.add_argument("--threshold", type=float, default=default("fusion.threshold"),
-                   help="binarise v/255 >= threshold (default 0.5, i.e. v >= 128)")
-    p.add_argument("--thresholds", type=Path, metavar="JSON",
-                   help="take the threshold from this `morphfuse thresholds` file (its mask_threshold, fitted on "
-                        "val) instead of --threshold")
-    p.add_argument("--ids", type=Path, metavar="FILE",
-                   help="only these image_ids (one per line; a file or a pipe), e.g. one shard; each must have "
-                        "both masks")
-    p.add_argument("--ledger", type=Path, metavar="CSV", help="also write the errors as a ledger CSV (appended as "
-                   "they are found)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--out holds another run's masks (other variant, kernel, threshold or inputs): remove them "
-                        "first (without it such an --out is refused)")
-    p.add_argument("--allow-errors", action="store_true",
-                   help="exit 0 even when some inputs were bad (they are still listed and in the ledger)")
-
-
-DONE_NAME = ".morphfuse-done.csv"
-
-
-def _stamp(path: Path) -> str:
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def _read_done(out: Path) -> dict[str, tuple[str, str]]:
-    """``image_id -> (lfdl stamp, mitl stamp)`` of the masks an earlier run into ``out`` finished."""
-    import csv
-
-    done = {}
-    rows = csv.reader(read_complete_lines(out / DONE_NAME).splitlines())
-    next(rows, None)
-    for r in rows:
-        if len(r) == 3:
-            done[r[0]] = (r[1], r[2])
-    return done
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        kernel = check_kernel(args.kernel)
-        threshold = check_threshold(args.threshold)
-        if args.thresholds is not None:
-            from .thresholds import read_thresholds
-
-            threshold = check_threshold(read_thresholds(args.thresholds)["mask_threshold"])
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for flag, d in (("--lfdl-masks", args.lfdl_masks), ("--mitl-masks", args.mitl_masks)):
-        if not d.is_dir():
-            raise UserError(f"{flag} {d}: not a folder")
-        if args.out.exists() and os.path.samefile(d, args.out):
-            raise UserError(f"--out {args.out} is the {flag} folder: the fused masks would replace their inputs; "
-                            "choose another --out")
-    ids = read_ids(args.ids) if args.ids is not None else None
-    if ids is not None and not ids:
-        raise UserError(f"--ids {args.ids}: lists no image_id (one per line; blank lines and # comments are "
-                        "ignored)")
-    lfdl, mitl = list_masks(args.lfdl_masks), list_masks(args.mitl_masks)
-    if ids is None:
-        ids = sorted(set(lfdl) | set(mitl))
-    settings = {"variant": args.variant, "kernel": kernel, "threshold": threshold,
-                "lfdl_masks": os.path.abspath(args.lfdl_masks), "mitl_masks": os.path.abspath(args.mitl_masks)}
-    from .outdir import RunFolder
-
-    with RunFolder(args.out, STAGE, settings, ["*.png", DONE_NAME], overwrite=args.overwrite) as folder, \
-            sigterm_raises():
-        return _fuse_into(folder, args, ids, lfdl, mitl, kernel, threshold)
-
-
-def _fuse_into(folder, args, ids, lfdl, mitl, kernel, threshold) -> int:
-    out = folder.path
-    done = _read_done(out) if folder.resumed else {}
-    ledger = Ledger(STAGE)
-    if args.ledger is not None:
-        ledger.stream_to(args.ledger)
-    notes = ProbNotes()
-    done_log = AppendLog(out / DONE_NAME, header="image_id,lfdl,mitl")
-    n_ok = n_skipped = 0
-    t0 = time.perf_counter()
-    try:
-        for image_id in ids:
-            if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
-                ledger.add(image_id, args.ids, "not a valid image_id (an image_id is a file name: no / or \\)")
-                continue
-            a, b = lfdl.get(image_id), mitl.get(image_id)
-            if a is None or b is None:
-                missing = [(n, d) for n, x, d in (("LFDL", a, args.lfdl_masks), ("MITL", b, args.mitl_masks))
-                           if x is None]
-                reason = "; ".join(f"no {n} mask {image_id}.png in {d}" for n, d in missing)
-                ledger.add(image_id, a or b or args.lfdl_masks / f"{image_id}.png",
-                           ("missing partner: " if len(missing) == 1 else "missing both masks: ") + reason)
-                continue
-            target = out / f"{image_id}.png"
-            try:
-                stamps = (_stamp(a), _stamp(b))
-            except OSError as e:
-                ledger.add(image_id, a, f"cannot be read ({e.strerror or e})")
-                continue
-            if done.get(image_id) == stamps and target.is_file():
-                n_skipped += 1
-                continue
-            try:
-                fuse_pair(a, b, target, args.variant, kernel, threshold, notes)
-            except BadImageError as e:
-                ledger.add(image_id, e.path, e.reason)
-                continue
-            except ValueError as e:
-                ledger.add(image_id, a, str(e))
-                continue
-            done_log.append(csv_line([image_id, *stamps]))
-            n_ok += 1
-        notes.write(ledger)
-    finally:
-        done_log.close()
-        ledger.close()
-    dt = time.perf_counter() - t0
-    log.info("fuse %s: %d masks written to %s, %d already done, %d errors (%.1f images/s)", args.variant, n_ok,
-             out, n_skipped, ledger.n_errors, n_ok / dt if dt > 0 else float("nan"))
-    if n_skipped:
-        print(f"morphfuse fuse: {n_skipped} mask(s) already done in {out} with the same settings and unchanged "
-              "inputs: skipped", file=sys.stderr)
-    if notes.count:
-        print(f"morphfuse fuse: note: {notes.message()}", file=sys.stderr)
-    if ledger.n_errors:
-        print(f"morphfuse fuse: {ledger.n_errors} image(s) not fused:", file=sys.stderr)
-        for r in ledger.rows:
-            if not r["reason"].startswith(("note:", "warning:")):
-                print(f"  {r['image_id']}: {r['path']}: {r['reason']}", file=sys.stderr)
-        return 0 if args.allow_errors else 1
-    return 0

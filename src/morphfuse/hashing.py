@@ -24,7 +24,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 # Modules whose string constants name other stages' modules without importing them: the command table, and the
 # package's lazy Python API (``morphfuse.Detector`` imports morphfuse.detect on first use, PEP 562; the package is
 # the parent of every module, so following its strings would make every stage depend on detect's code).
-DISPATCHERS = frozenset({f"{PACKAGE}.cli", PACKAGE})
+DISPATCHERS = frozenset({f"{PACKAGE}.cli", f"{PACKAGE}.commands", PACKAGE})
 # Every stage process starts here (``python -m morphfuse <stage>``).
 ENTRY = (f"{PACKAGE}.__main__", f"{PACKAGE}.cli")
 
@@ -158,7 +158,7 @@ def code_hash_of(modules, root: Path = PACKAGE_ROOT) -> str:
 
 def stage_module(command: str) -> str:
     """The module that implements ``morphfuse <command>`` (from the CLI's table)."""
-    from .cli import COMMANDS
+    from .commands import COMMANDS
 
     for name, module, _help in COMMANDS:
         if name == command:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import os
 import stat as _stat
 import tempfile
@@ -103,6 +104,75 @@ def _link_problem(path: Path, e: OSError) -> str:
     return f"cannot be read ({e.strerror or e})"
 
 
+def _list_entry(e: os.DirEntry, walk: Walk, seen_files: dict, want, files: bool, hidden_dirs: bool,
+                hidden_files: bool) -> Path | None:
+    """One entry of a folder being walked: a file is listed in ``walk`` (or a problem line says why not); a folder
+    to walk is returned."""
+    p = Path(e.path)
+    try:
+        is_dir = e.is_dir()
+    except OSError:
+        is_dir = False
+    hidden = e.name.startswith(".")
+    if is_dir:
+        return p if not hidden or hidden_dirs else None
+    if hidden and not hidden_files:
+        return None
+    link = e.is_symlink()
+    if not files or (want is not None and not want(e.name)):
+        if link and not os.path.exists(p):  # a dangling link may have been a folder: say so
+            try:
+                os.stat(p)
+            except OSError as err:
+                walk.problems.append((p, _link_problem(p, err)))
+        return None
+    try:
+        fst = e.stat()
+    except OSError as err:
+        walk.problems.append((p, _link_problem(p, err)))
+        return None
+    if not _stat.S_ISREG(fst.st_mode):
+        walk.problems.append((p, "not a regular file (a pipe, socket or device): left out"))
+        return None
+    key = (fst.st_dev, fst.st_ino)
+    if key in seen_files:
+        walk.problems.append((p, f"the same file as {seen_files[key]} (a second path to it, by a link): "
+                                 "listed once"))
+        return None
+    seen_files[key] = p
+    walk.files.append(p)
+    return None
+
+
+def _new_subdirs(subdirs: list[Path], ancestors: frozenset, seen_dirs: dict, walk: Walk, skip_dir) -> list:
+    """The subfolders to walk, each with its ancestors' keys: a folder already entered (a loop, or a second path)
+    and a folder ``skip_dir`` leaves out are recorded instead."""
+    pushed = []
+    for p in subdirs:
+        try:
+            dst = os.stat(p)
+        except OSError as err:
+            walk.problems.append((p, _link_problem(p, err)))
+            continue
+        key = (dst.st_dev, dst.st_ino)
+        if key in seen_dirs:
+            first = seen_dirs[key]
+            if key in ancestors:
+                reason = f"symbolic link loop: this folder leads back to {first}, which contains it; not followed"
+            else:
+                reason = f"the same folder as {first}, already walked: not walked twice"
+            walk.problems.append((p, reason))
+            continue
+        if skip_dir is not None:
+            why = skip_dir(p)
+            if why:
+                walk.skipped.append((p, why))
+                continue
+        seen_dirs[key] = p
+        pushed.append((p, ancestors | {key}))
+    return pushed
+
+
 def walk_tree(root: str | os.PathLike, want: Callable[[str], bool] | None = None, *, hidden_dirs: bool = False,
               hidden_files: bool = False, files: bool = True,
               skip_dir: Callable[[Path], str | None] | None = None) -> Walk:
@@ -134,66 +204,9 @@ def walk_tree(root: str | os.PathLike, want: Callable[[str], bool] | None = None
         except OSError as e:
             walk.problems.append((d, f"cannot list this folder ({e.strerror or e})"))
             continue
-        subdirs = []
-        for e in entries:
-            p = Path(e.path)
-            try:
-                is_dir = e.is_dir()
-            except OSError:
-                is_dir = False
-            hidden = e.name.startswith(".")
-            if is_dir:
-                if not hidden or hidden_dirs:
-                    subdirs.append(p)
-                continue
-            if hidden and not hidden_files:
-                continue
-            link = e.is_symlink()
-            if not files or (want is not None and not want(e.name)):
-                if link and not os.path.exists(p):  # a dangling link may have been a folder: say so
-                    try:
-                        os.stat(p)
-                    except OSError as err:
-                        walk.problems.append((p, _link_problem(p, err)))
-                continue
-            try:
-                fst = e.stat()
-            except OSError as err:
-                walk.problems.append((p, _link_problem(p, err)))
-                continue
-            if not _stat.S_ISREG(fst.st_mode):
-                walk.problems.append((p, "not a regular file (a pipe, socket or device): left out"))
-                continue
-            key = (fst.st_dev, fst.st_ino)
-            if key in seen_files:
-                walk.problems.append((p, f"the same file as {seen_files[key]} (a second path to it, by a link): "
-                                         "listed once"))
-                continue
-            seen_files[key] = p
-            walk.files.append(p)
-        pushed = []
-        for p in subdirs:
-            try:
-                dst = os.stat(p)
-            except OSError as err:
-                walk.problems.append((p, _link_problem(p, err)))
-                continue
-            key = (dst.st_dev, dst.st_ino)
-            if key in seen_dirs:
-                first = seen_dirs[key]
-                if key in ancestors:
-                    reason = f"symbolic link loop: this folder leads back to {first}, which contains it; not followed"
-                else:
-                    reason = f"the same folder as {first}, already walked: not walked twice"
-                walk.problems.append((p, reason))
-                continue
-            if skip_dir is not None:
-                why = skip_dir(p)
-                if why:
-                    walk.skipped.append((p, why))
-                    continue
-            seen_dirs[key] = p
-            pushed.append((p, ancestors | {key}))
+        subdirs = [p for e in entries if (p := _list_entry(e, walk, seen_files, want, files, hidden_dirs,
+                                                               hidden_files)) is not None]
+        pushed = _new_subdirs(subdirs, ancestors, seen_dirs, walk, skip_dir)
         stack.extend(reversed(pushed))
     return walk
 
@@ -664,9 +677,91 @@ def prob_to_uint8(prob: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
     return out
 
 
-def binarize(values_uint8: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binarise a stored probability mask: ``v / 255 >= threshold`` (v ≥ 128 at 0.5)."""
-    return values_uint8.astype(np.float64) / 255.0 >= threshold
+def check_threshold(threshold) -> float:
+    """Validate a probability threshold in [0, 1]."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not (0.0 <= t <= 1.0) or math.isnan(t):
+        raise ValueError(f"threshold must be in [0, 1] (a probability, not a pixel value), got {threshold!r}")
+    return t
+
+
+def threshold_to_uint8(threshold: float) -> int:
+    """The smallest stored value ``v`` (0..256) with ``v / 255 >= threshold``; 256 means no value reaches it.
+
+    Computed with the very expression ``v / 255.0 >= t`` on every v, so that ``u8 >= threshold_to_uint8(t)``
+    equals ``u8 / 255 >= t`` bit for bit (128 at t = 0.5), without converting the image to floats.
+    """
+    t = check_threshold(threshold)
+    passing = np.flatnonzero(np.arange(256, dtype=np.float64) / 255.0 >= t)
+    return int(passing[0]) if passing.size else 256
+
+
+def binarize_prob_u8(values: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """A stored probability map (uint8 ``H×W``, ``v = round(255·p)``) thresholded as ``v / 255 >= threshold``,
+    as a uint8 0/255 mask (the form OpenCV morphology and PNG writing want)."""
+    if values.dtype != np.uint8 or values.ndim != 2:
+        raise ValueError(f"expected a single-channel uint8 mask (H×W), got {values.dtype} {values.shape}")
+    c = threshold_to_uint8(threshold)
+    if c == 0:
+        return np.full(values.shape, 255, np.uint8)
+    if c == 256:
+        return np.zeros(values.shape, np.uint8)
+    return cv2.threshold(values, c - 1, 255, cv2.THRESH_BINARY)[1]
+
+
+def binarize_prob(values: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """:func:`binarize_prob_u8` as a bool array: ``v / 255 >= threshold`` (v ≥ 128 at 0.5). Binary masks (ground
+    truth) are read by :func:`read_mask` instead, whose rule differs (0/1 masks, 16-bit, ``> 127``)."""
+    return binarize_prob_u8(values, threshold) != 0
+
+
+def read_prob_u8(path: str | os.PathLike) -> np.ndarray:
+    """A stored probability map's values (uint8 ``H×W``), fast through OpenCV; anything unusual goes through
+    :func:`read_gray`, which converts 16-bit/colour files and raises :class:`BadImageError` with a reason."""
+    arr = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    if arr is not None and arr.dtype == np.uint8 and arr.ndim == 2:
+        return arr
+    return read_gray(path)
+
+
+# PNG parameters for binary masks: zlib level 1, no row filter, default strategy. Measured on 1024×1024 fused
+# masks (one core): encode 2.5 ms + decode 1.2 ms. Level 1 alone keeps libpng's adaptive filtering (7 ms to
+# encode); OpenCV's default (SUB filter + RLE) encodes in 2.4 ms but decodes in 4.2 ms, and every fused mask is
+# read again by `evaluate`.
+MASK_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+                   cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_DEFAULT]
+
+
+def write_mask_png(path: str | os.PathLike, mask_u8: np.ndarray) -> None:
+    """Write a 0/255 uint8 mask as PNG atomically, with the settings that suit binary masks."""
+    write_png(path, mask_u8, params=MASK_PNG_PARAMS)
+
+
+def image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` (numpy's order) of an image as displayed, from its header only (:func:`header_size`,
+    which gives ``(width, height)``); ``BadImageError`` if it cannot be opened."""
+    w, h = header_size(path)
+    return h, w
+
+
+def list_masks(folder: Path) -> dict[str, Path]:
+    """``image_id -> path`` for the ``<image_id>.png`` files of a folder (hidden/temporary files ignored)."""
+    out = {}
+    other = 0
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if not e.name.lower().endswith(".png"):
+                other += 1
+            elif e.is_file():
+                out[e.name[:-4]] = Path(e.path)
+    if other:
+        log.warning("%s: %d entries that are not <image_id>.png files were ignored", folder, other)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- atomic writes
@@ -679,7 +774,8 @@ def atomic_path(path: str | os.PathLike):
     return _AtomicPath(Path(path))
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it): the mode a plain ``open`` would give new files."""
     u = os.umask(0)
     os.umask(u)
     return u
@@ -704,7 +800,7 @@ class _AtomicPath:
         if exc_type is None:
             try:
                 # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-                os.chmod(self.tmp, 0o666 & ~_umask())
+                os.chmod(self.tmp, 0o666 & ~current_umask())
                 os.replace(self.tmp, self.path)
             except OSError as e:
                 self.tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ def read_bytes_arg(path: str | os.PathLike, flag: str) -> bytes:
     except FileNotFoundError:
         if os.path.islink(p):
             raise UserError(f"{label}: a dangling symbolic link (its target {os.readlink(p)} does not exist)") from None
-        raise UserError(f"{label}: file not found") from None
+        raise UserError(f"{label}: file does not exist") from None
     except OSError as e:
         raise UserError(f"{label}: cannot be read ({e.strerror or e})") from None
     if stat.S_ISDIR(st.st_mode):
@@ -75,7 +75,7 @@ def read_parquet_arg(path: str | os.PathLike, flag: str, columns: list[str] | tu
         raise UserError(f"{label}: not a readable Parquet table ({' '.join(str(e).split())[:160]})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise UserError(f"{label}: missing column(s) {', '.join(missing)} (found: "
+        raise UserError(f"{label}: lacks the column(s) {', '.join(missing)} (found: "
                         f"{', '.join(map(str, df.columns))[:200]})")
     return df
 
@@ -94,6 +94,17 @@ def read_csv_arg(path: str | os.PathLike, flag: str, columns: list[str] | tuple 
         raise UserError(f"{label}: not a readable CSV ({' '.join(str(e).split())[:160]})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise UserError(f"{label}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)} (found: "
+        raise UserError(f"{label}: lacks the column(s) {', '.join(missing)}; expected {', '.join(columns)} (found: "
                         f"{', '.join(map(str, df.columns))[:200]})")
     return df
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """One image_id per line (blank lines and ``#`` comments ignored), duplicates removed, order kept. A pipe
+    (``--ids <(...)``) works as well as a file."""
+    ids = []
+    for line in read_text_arg(path, "--ids").splitlines():
+        s = line.strip()
+        if s and not s.startswith("#"):
+            ids.append(s)
+    return list(dict.fromkeys(ids))

@@ -2,6 +2,7 @@
 applies it before precomputing SRM residuals and DCT bands, so both paths see the same numbers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -27,3 +28,11 @@ def mitl_input(rgb01: torch.Tensor) -> torch.Tensor:
     """MITL network input (MITL.md): ImageNet mean/std."""
     mean, std = _imagenet_stats(rgb01.device)
     return (rgb01 - mean) / std
+
+
+def no_autocast(device_type: str):
+    """Autocast off where the device type has autocast (not on the meta device, used for shape/FLOP counting): the
+    SRM and DCT inputs are computed in float32 even inside a mixed-precision forward."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -47,17 +47,17 @@ class Perturbation:
         """File-name-safe id: ``none``, ``jpeg_90``, ``downscale_0.75``, ``blur_1``, ``noise_3``."""
         if self.kind == "none":
             return "none"
-        return f"{self.kind}_{_fmt(self.level)}"
+        return f"{self.kind}_{_level_text(self.level)}"
 
     @property
     def spec(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{_fmt(self.level)}"
+        return "none" if self.kind == "none" else f"{self.kind}:{_level_text(self.level)}"
 
     def __call__(self, rgb: np.ndarray, seed: int = 0) -> np.ndarray:
         return apply(rgb, self, seed)
 
 
-def _fmt(level: float | None) -> str:
+def _level_text(level: float | None) -> str:
     v = float(level)
     return str(int(v)) if v.is_integer() else repr(v)
 

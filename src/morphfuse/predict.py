@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .models.recipes import RECIPES, recipe
 from .imageio import prob_to_uint8, write_csv, write_prob_mask, write_text_atomic
 from .ledger import Ledger
 
 log = logging.getLogger("morphfuse.predict")
 
 SCORE_RULES = ("max", "top_percent")
-PRECOMPUTED = {"lfdl": ("srm",), "mitl": ("dct_high", "dct_low")}
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -203,7 +203,7 @@ def _csv_field(s: str) -> str:
 def _batch_tensors(arrays: dict, rows: np.ndarray, model_name: str, device: torch.device) -> dict:
     rgb = torch.from_numpy(np.ascontiguousarray(arrays["rgb"][rows])).permute(0, 3, 1, 2).float() / 255.0
     batch = {"rgb": rgb.to(device)}
-    for k in PRECOMPUTED[model_name]:
+    for k in recipe(model_name).precomputed:
         if k in arrays:
             batch[k] = torch.from_numpy(np.asarray(arrays[k][rows], dtype=np.float32)).to(device)
     return batch
@@ -228,33 +228,13 @@ def _orig_hw(arrays: dict, row: int, manifest_row) -> tuple[int, int]:
     return h, w
 
 
-def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.PathLike,
-                  manifest: str | os.PathLike, out_dir: str | os.PathLike, batch_size: int = 16,
-                  score_rule: str = "top_percent", score_percent: float = 1.0,
-                  device: torch.device | str = "cpu", progress: bool = False) -> dict:
-    """Predict every image of a manifest shard that has feature entries. Returns counts."""
-    import pandas as pd
+def _open_inputs(model_name: str, model, features, manifest):
+    """The manifest shard's rows and the feature shard (rows read per batch), checked against each other and the
+    model: ``(man_ids, man_by_id, arrays, rows_of)``, ``rows_of``: image_id -> its feature rows."""
     from .features import open_feature_shard
+    from .inputs import read_parquet_arg
 
-    if model_name not in PRECOMPUTED:
-        raise UserError(f"unknown model {model_name!r}: expected lfdl or mitl")
-    if score_rule not in SCORE_RULES:
-        raise UserError(f"--score-rule {score_rule!r}: expected one of {', '.join(SCORE_RULES)}")
-    if not 0 < float(score_percent) <= 100:
-        raise UserError(f"--score-percent {score_percent}: must be in (0, 100]")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be ≥ 1")
-    device = torch.device(device)
-    out = Path(out_dir)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-
-    try:
-        man = pd.read_parquet(manifest)
-    except Exception as e:
-        raise UserError(f"{manifest}: cannot read the manifest shard ({type(e).__name__}: {e})") from None
-    missing = [c for c in ("image_id",) if c not in man.columns]
-    if missing:
-        raise UserError(f"{manifest}: manifest shard lacks column(s) {', '.join(missing)}")
+    man = read_parquet_arg(manifest, "--manifest", ["image_id"])
     arrays = open_feature_shard(features)  # pixels read per batch, not the whole shard
     for k in ("image_id", "rgb"):
         if k not in arrays:
@@ -264,8 +244,10 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
     if n and size is not None and tuple(arrays["rgb"].shape[1:3]) != (size, size):
         raise UserError(f"{features}: crops are {arrays['rgb'].shape[2]}x{arrays['rgb'].shape[1]} but the model was "
                         f"trained at size {size}")
-    if model_name == "lfdl" and n and "crop_box" not in arrays:
-        raise UserError(f"{features}: LFDL feature shard lacks 'crop_box' (needed to paste the maps back)")
+    for k in recipe(model_name).required_features if n else ():
+        if k not in arrays:
+            raise UserError(f"{features}: {model_name.upper()} feature shard lacks {k!r} (needed to paste the maps "
+                            "back)")
 
     feat_ids = arrays["image_id"].astype(str)
     rows_of: dict[str, list[int]] = {}
@@ -277,8 +259,31 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
         log.warning("%s: %d feature entr(y/ies) not in the manifest shard %s (ignored), e.g. %s", features,
                     len(extra), manifest, extra[0])
 
-    ledger = Ledger(f"predict_{model_name}")
     man_by_id = {iid: row for iid, row in zip(man_ids, man.to_dict("records"))}
+    return man_ids, man_by_id, arrays, rows_of
+
+
+def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.PathLike,
+                  manifest: str | os.PathLike, out_dir: str | os.PathLike, batch_size: int = 16,
+                  score_rule: str = "top_percent", score_percent: float = 1.0,
+                  device: torch.device | str = "cpu", progress: bool = False) -> dict:
+    """Predict every image of a manifest shard that has feature entries. Returns counts."""
+    if model_name not in RECIPES:
+        raise UserError(f"unknown model {model_name!r}: expected one of {', '.join(RECIPES)}")
+    model_recipe = recipe(model_name)
+    if score_rule not in SCORE_RULES:
+        raise UserError(f"--score-rule {score_rule!r}: expected one of {', '.join(SCORE_RULES)}")
+    if not 0 < float(score_percent) <= 100:
+        raise UserError(f"--score-percent {score_percent}: must be in (0, 100]")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be ≥ 1")
+    device = torch.device(device)
+    out = Path(out_dir)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+
+    man_ids, man_by_id, arrays, rows_of = _open_inputs(model_name, model, features, manifest)
+
+    ledger = Ledger(f"predict_{model_name}")
     todo_ids: list[str] = []
     for iid in man_ids:
         if iid not in rows_of:
@@ -291,7 +296,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
     done = {i for i in todo_ids if i in scores.scores and (out / "masks" / f"{i}.png").exists()}
     pending = [i for i in todo_ids if i not in done]
     model = model.to(device).eval()
-    if model_name == "mitl" and callable(getattr(model, "fuse_for_inference", None)):
+    if callable(getattr(model, "fuse_for_inference", None)):
         model.fuse_for_inference()  # AMW block: 3 convs run as 1 (fewer FLOPs; same up to float rounding)
     bar = None
     if progress:
@@ -314,7 +319,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
                     s_i, m_i = face_scores[pos:pos + len(rr)], maps[pos:pos + len(rr)]
                     pos += len(rr)
                     h, w = _orig_hw(arrays, rr[0], man_by_id[i])
-                    if model_name == "lfdl":
+                    if model_recipe.prediction == "faces":
                         score, prob = lfdl_image_prob(s_i, m_i, arrays["crop_box"][rr], (h, w))
                     else:
                         score, prob = mitl_image_prob(m_i[0], (h, w), score_rule, score_percent)
@@ -335,7 +340,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
 
 # --------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_name", choices=["lfdl", "mitl"], metavar="{lfdl,mitl}", help="which model")
+    p.add_argument("model_name", choices=list(RECIPES), metavar="{" + ",".join(RECIPES) + "}", help="which model")
     p.add_argument("--model", required=True, help="trained model file (model.pt of `morphfuse train`)")
     p.add_argument("--features", required=True, help="this shard's feature file (.npz)")
     p.add_argument("--manifest", required=True, help="this shard's manifest (.parquet)")
@@ -348,8 +353,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="top_percent's percentage (default: --config's mitl.score.percent, else the schema's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the network runs (default: auto = cuda if available)")
-    p.add_argument("--model-factory", default=None, metavar="MODULE:CALLABLE",
-                   help="build the network with this callable instead of morphfuse.models.build_model (tests)")
+    # A test hook (build the network with MODULE:CALLABLE(name, size, options) instead of
+    # morphfuse.models.build_model), kept out of the user's --help.
+    p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 from .errors import UserError
 from .imageio import atomic_path, write_csv, write_text_atomic
 from .perturb import parse
+from .textfmt import fmt_estimate, md_table
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,6 @@ def robustness_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(r: dict, k: str, interval: bool = True) -> str:
-    v = r.get(k)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    lo, hi = r.get(f"{k}_lo"), r.get(f"{k}_hi")
-    if interval and lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-    return f"{v:.3f}"
-
-
 def robustness_markdown(long: pd.DataFrame, order: list[str]) -> str:
     variants = list(dict.fromkeys(long["variant"]))
     by = {(r["variant"], r["perturbation"]): r for r in long.to_dict("records")}
@@ -87,13 +78,11 @@ def robustness_markdown(long: pd.DataFrame, order: list[str]) -> str:
              "Final = (AUC + F1 + IoU) / 3 with its 95 % bootstrap interval over identities.", "",
              "## Final", ""]
     head = ["variant"] + order
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for v in variants:
-        lines.append("| " + " | ".join([v] + [_cell(by.get((v, p), {}), "final") for p in order]) + " |")
+    lines += md_table(head, [[v] + [fmt_estimate(by.get((v, p), {}), "final", nd=3) for p in order] for v in variants])
     for k, title in (("auc", "AUC"), ("f1", "F1"), ("iou", "IoU")):
-        lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for v in variants:
-            lines.append("| " + " | ".join([v] + [_cell(by.get((v, p), {}), k, interval=False) for p in order]) + " |")
+        lines += ["", f"## {title}", ""]
+        lines += md_table(head, [[v] + [fmt_estimate(by.get((v, p), {}), k, nd=3, interval=False) for p in order]
+                                 for v in variants])
     return "\n".join(lines) + "\n"
 
 

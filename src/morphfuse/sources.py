@@ -42,7 +42,7 @@ def image_id_for(source: str, relpath: str, stem_only: bool = True) -> str:
     return safe_id(f"{source}/{base}")
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+def _header_size_or_none(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) as viewers show it (EXIF rotation applied), from the header only; None if unreadable."""
     try:
         return header_size(path)
@@ -213,7 +213,7 @@ def index_ddl(src: dict, ledger: Ledger, limits: dict | None = None) -> list[dic
                             ids[rel], root / rel, f"fake without a mask (looked in {part}/masks and {part}/mask)"
                         )
                         continue
-                    msize = image_size(m)
+                    msize = _header_size_or_none(m)
                     if msize != size:
                         ledger.add(ids[rel], m, f"mask is {msize} but its image is {size} (width, height)")
                         continue

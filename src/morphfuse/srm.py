@@ -13,19 +13,15 @@ one is an independent implementation (shifted sums) for tools and tests.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .normalize import no_autocast
 
-def _no_autocast(device_type: str):
-    """Autocast off where the device type has autocast (not on the meta device, used for shape/FLOP counting)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+
 
 CLAMP = 3.0
 PADDING = 2
@@ -70,7 +66,7 @@ def srm_residuals(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"srm_residuals expects a float tensor normalised to [-1, 1], got {x.dtype}")
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         out = F.conv2d(work, _weight(work.device, work.dtype), stride=1, padding=PADDING)
         out = out.clamp_(-CLAMP, CLAMP)
     return out.to(x.dtype)

@@ -47,7 +47,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .evaluate import _clean, _fmt, _json_default, add_convention_arguments
+from .evaluate import add_convention_arguments
+from .textfmt import fmt_estimate, fmt_metric, json_default, json_ready, md_table
 from .imageio import BadImageError, read_image, write_csv, write_text_atomic
 from .ledger import read_ledgers
 from .metrics import Convention, summarize
@@ -490,22 +491,8 @@ def breakdown(frames, by: str, conv: Convention, score_threshold: float) -> pd.D
 
 
 # ------------------------------------------------------------------------------------------------ markdown
-def _cell(row, k) -> str:
-    v = row.get(k)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    lo, hi = row.get(f"{k}_lo"), row.get(f"{k}_hi")
-    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
-        return f"{v:.4f}"
-    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _metric_rows(table: pd.DataFrame) -> list[list[str]]:
-    return [[r["variant"]] + [_cell(r, k) for k in METRIC_KEYS + ("ap", "eer", "accuracy")]
+    return [[r["variant"]] + [fmt_estimate(r, k) for k in METRIC_KEYS + ("ap", "eer", "accuracy")]
             for r in table.to_dict("records")]
 
 
@@ -529,7 +516,7 @@ def diffs_markdown(diffs: pd.DataFrame, n_boot: int, confidence: float) -> list[
     for (images, a, b), part in diffs.groupby(["images", "a", "b"], sort=False):
         by = {r["metric"]: r for r in part.to_dict("records")}
         rows.append([images, f"{a} − {b}"] + [_diff_cell(by.get(k)) for k in METRIC_KEYS])
-    return lines + _md_table(["images", "a − b", "AUC", "F1", "IoU", "Final"], rows)
+    return lines + md_table(["images", "a − b", "AUC", "F1", "IoU", "Final"], rows)
 
 
 def ablation_markdown(table: pd.DataFrame, conv: Convention, score_threshold: float, n_boot: int,
@@ -542,7 +529,7 @@ def ablation_markdown(table: pd.DataFrame, conv: Convention, score_threshold: fl
              (f"Intervals: {confidence:.0%} percentile bootstrap over identities (groups), {n_boot} resamples, "
               f"seed {seed}; the same resamples for every variant. Differences smaller than the intervals are not "
               "an ordering." if n_boot > 0 else "No bootstrap intervals (--bootstrap 0)."), ""]
-    lines += _md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"], _metric_rows(table))
+    lines += md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"], _metric_rows(table))
     if any(r["variant"].startswith("baseline_") for r in recs):
         lines += ["", "Baselines: baseline_face marks the image's face crops (the boxes LFDL sees) as manipulated, "
                       "baseline_all the whole image; both score every image 0.5 (AUC 0.5). A model's F1/IoU above "
@@ -551,11 +538,11 @@ def ablation_markdown(table: pd.DataFrame, conv: Convention, score_threshold: fl
         lines += ["", "The same table with images=all (real images enter the pixel metrics with an empty ground "
                       "truth: every pixel they predict is a false positive, and an empty prediction on a real "
                       f"follows empty={conv.empty} as above) (ablation_all.csv):", ""]
-        lines += _md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"], _metric_rows(table_all))
+        lines += md_table(["variant", "AUC", "F1", "IoU", "Final", "AP", "EER", "ACC"], _metric_rows(table_all))
     if diffs is not None:
         lines += ["", "Paired differences (ablation_diffs.csv):", ""] + diffs_markdown(diffs, n_boot, confidence)
     lines += ["", "Counts behind each row (pixels pooled over the images of the pixel metrics):", ""]
-    lines += _md_table(["variant", "TP", "FP", "FN", "TN", "images", "real", "fake", "identities",
+    lines += md_table(["variant", "TP", "FP", "FN", "TN", "images", "real", "fake", "identities",
                         "pixel-metric images", "skipped empty", "left out (errors)"],
                        [[r["variant"]] + [str(r[k]) for k in ("TP", "FP", "FN", "TN", "n_images", "n_real", "n_fake",
                                                                "n_groups", "n_pixel_images", "n_skipped_empty",
@@ -565,8 +552,8 @@ def ablation_markdown(table: pd.DataFrame, conv: Convention, score_threshold: fl
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     lines += ["", "Paper targets (DDL-I, Table 2; for reference: the order of the rows, not the values, is what "
                   "another data set can reproduce):", ""]
-    lines += _md_table(["variant", "AUC", "F1", "IoU", "Final"],
-                       [[v] + [_fmt(x) for x in t] for v, t in PAPER_TARGETS.items()])
+    lines += md_table(["variant", "AUC", "F1", "IoU", "Final"],
+                       [[v] + [fmt_metric(x) for x in t] for v, t in PAPER_TARGETS.items()])
     lines += ["", "The paper's lfdl Final (0.7497) is not its row's own mean (0.7537), a typo in the paper. "
                   "Challenge: 1st 0.846, 2nd 0.8161.", ""]
     return "\n".join(lines)
@@ -577,9 +564,9 @@ def frame_markdown(df: pd.DataFrame, title: str, first: list[str]) -> str:
         return f"# {title}\n\n(no rows)\n"
     cols = first + [c for c in ("auc", "f1", "iou", "final", "ap", "eer", "accuracy", "TP", "FP", "FN", "TN",
                                 "n_real", "n_fake", "note") if c in df.columns]
-    rows = [[(_fmt(x) if isinstance(x, float) else ("–" if x is None else str(x))) for x in r]
+    rows = [[(fmt_metric(x) if isinstance(x, float) else ("–" if x is None else str(x))) for x in r]
             for r in df[cols].itertuples(index=False)]
-    return "\n".join([f"# {title}", ""] + _md_table(cols, rows)) + "\n"
+    return "\n".join([f"# {title}", ""] + md_table(cols, rows)) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -612,7 +599,7 @@ def find_mask(roots: list[Path], image_id: str) -> Path | None:
 
 def make_panels(frames, fused_variant: str, manifests: list[Path], lfdl_roots, mitl_roots, fused_roots, n: int,
                 seed: int, threshold: float, path: Path) -> int:
-    from .fusion import binarize, read_gt, read_u8  # noqa: PLC0415
+    from .imageio import binarize_prob, read_mask, read_prob_u8  # noqa: PLC0415
     from .plots import PanelRow, qualitative_panel  # noqa: PLC0415
 
     fv = frames[fused_variant]
@@ -653,7 +640,7 @@ def make_panels(frames, fused_variant: str, manifests: list[Path], lfdl_roots, m
         r = man.loc[image_id]
         root = Path(str(r["root"]))
         lf, mi, fu = (find_mask(roots, image_id) for roots in (lfdl_roots, mitl_roots, fused_roots))
-        lf_u8, mi_u8, fu_u8 = load(read_u8, lf), load(read_u8, mi), load(read_u8, fu)
+        lf_u8, mi_u8, fu_u8 = load(read_prob_u8, lf), load(read_prob_u8, mi), load(read_prob_u8, fu)
         notes = {}
         for col, v in (("LFDL", "lfdl"), ("MITL", "mitl"), ("fused", fused_variant)):
             val = f1.get(v, {}).get(image_id)
@@ -661,9 +648,9 @@ def make_panels(frames, fused_variant: str, manifests: list[Path], lfdl_roots, m
                 notes[col] = f"F1 {val:.3f}"
         rows.append(PanelRow(
             image_id=image_id, image=load(read_image, root / str(r["path"])),
-            gt=load(read_gt, root / str(r["mask_path"])) if str(r.get("mask_path", "")) else None,
-            lfdl=None if lf_u8 is None else binarize(lf_u8, threshold),
-            mitl=None if mi_u8 is None else binarize(mi_u8, threshold),
+            gt=load(read_mask, root / str(r["mask_path"])) if str(r.get("mask_path", "")) else None,
+            lfdl=None if lf_u8 is None else binarize_prob(lf_u8, threshold),
+            mitl=None if mi_u8 is None else binarize_prob(mi_u8, threshold),
             fused=None if fu_u8 is None else fu_u8 > 127,
             label=str(r.get("method", "")), notes=notes))
     qualitative_panel(rows, path, fused_name=fused_variant)
@@ -701,8 +688,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-variant", default="mdmf", help="variant whose masks --fused-masks holds (default mdmf)")
 
 
-def run(args: argparse.Namespace) -> int:
-    frames, thresholds = load_counts(args.counts)
+def _convention(args: argparse.Namespace, thresholds: list) -> Convention:
+    """The metric convention of the tables: the CLI's, at the mask threshold the count files were made with."""
     if len(thresholds) > 1:
         raise UserError(f"the count files were made with different mask thresholds {thresholds}; evaluate every "
                         "variant with the same --threshold")
@@ -715,6 +702,69 @@ def run(args: argparse.Namespace) -> int:
                           threshold=threshold)
     except ValueError as e:
         raise UserError(str(e)) from None
+    return conv
+
+
+def _write_breakdowns(frames, conv, args, out: Path, result: dict) -> None:
+    """Per method and per source: breakdown_{method,source}.{csv,md}."""
+    for by in ("method", "source"):
+        bd = breakdown(frames, by, conv, args.score_threshold)
+        write_csv(out / f"breakdown_{by}.csv", bd)
+        title = ("Per method (all real images + the fakes of the method)" if by == "method"
+                 else "Per source (the images of the source)")
+        write_text_atomic(out / f"breakdown_{by}.md", frame_markdown(bd, f"{title}; {conv.describe()}",
+                                                                     ["variant", by]))
+        result[f"breakdown_{by}"] = bd.to_dict("records")
+
+
+def _write_errors(frames, variants, args, out: Path, result: dict) -> None:
+    """errors.{csv,md}: rows left out per variant, and ledger lines per stage."""
+    err = pd.DataFrame([{"variant": v, "rows": frames[v].n_rows, "left_out": frames[v].n_errors} for v in variants])
+    write_csv(out / "errors.csv", err)
+    md = ["# Errors", "", "Images left out of each variant's metrics (an error in one of its inputs):", ""]
+    md += md_table(["variant", "rows", "left out"], [[r.variant, str(r.rows), str(r.left_out)]
+                                                     for r in err.itertuples(index=False)])
+    if args.ledgers:
+        led = read_ledgers(args.ledgers)
+        per_stage = (led.groupby("stage").agg(lines=("image_id", "size"), images=("image_id", "nunique"))
+                     .reset_index() if len(led) else pd.DataFrame(columns=["stage", "lines", "images"]))
+        write_csv(out / "ledger_counts.csv", per_stage)
+        md += ["", f"Error ledgers ({len(args.ledgers)} files):", ""]
+        md += md_table(["stage", "lines", "images"], [[str(x) for x in r] for r in per_stage.itertuples(index=False)])
+        result["ledger_counts"] = per_stage.to_dict("records")
+    write_text_atomic(out / "errors.md", "\n".join(md) + "\n")
+    result["errors"] = err.to_dict("records")
+
+
+def _write_figures(frames, variants, conv, args, out: Path, result: dict) -> None:
+    """ROC and PR curves, and the qualitative panels (--panels)."""
+    from .plots import pr_figure, roc_figure  # noqa: PLC0415
+
+    fig_dir = args.figures or out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    sets = distinct_score_sets(frames)
+    roc_figure(sets, fig_dir / "roc.png")
+    pr_figure(sets, fig_dir / "pr.png")
+    figures = ["roc.png", "pr.png"]
+    if args.panels > 0:
+        if not args.manifest:
+            raise UserError("--panels needs --manifest (and --lfdl-masks, --mitl-masks, --fused-masks)")
+        fv = args.fused_variant
+        if fv not in frames:
+            raise UserError(f"--fused-variant {fv}: no such variant in the counts ({', '.join(variants)})")
+        if not make_panels(frames, fv, args.manifest, args.lfdl_masks, args.mitl_masks, args.fused_masks,
+                           args.panels, args.seed, conv.threshold, fig_dir / "panels.png"):
+            # Still write the figure the workflow expects, saying why it is empty.
+            from .plots import message_figure  # noqa: PLC0415
+
+            message_figure(f"No manipulated image with a valid {fv} prediction to show.", fig_dir / "panels.png")
+        figures.append("panels.png")
+    result["figures"] = [str(fig_dir / f) for f in figures]
+
+
+def run(args: argparse.Namespace) -> int:
+    frames, thresholds = load_counts(args.counts)
+    conv = _convention(args, thresholds)
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     fitted, notes = None, []
@@ -756,53 +806,10 @@ def run(args: argparse.Namespace) -> int:
               "ablation_diffs": diffs.to_dict("records")}
     if fitted is not None:
         result["thresholds"] = fitted
-    for by in ("method", "source"):
-        bd = breakdown(frames, by, conv, args.score_threshold)
-        write_csv(out / f"breakdown_{by}.csv", bd)
-        title = ("Per method (all real images + the fakes of the method)" if by == "method"
-                 else "Per source (the images of the source)")
-        write_text_atomic(out / f"breakdown_{by}.md", frame_markdown(bd, f"{title}; {conv.describe()}",
-                                                                     ["variant", by]))
-        result[f"breakdown_{by}"] = bd.to_dict("records")
-    # errors: rows left out per variant, and ledger lines per stage
-    err = pd.DataFrame([{"variant": v, "rows": frames[v].n_rows, "left_out": frames[v].n_errors} for v in variants])
-    write_csv(out / "errors.csv", err)
-    md = ["# Errors", "", "Images left out of each variant's metrics (an error in one of its inputs):", ""]
-    md += _md_table(["variant", "rows", "left out"], [[r.variant, str(r.rows), str(r.left_out)]
-                                                     for r in err.itertuples(index=False)])
-    if args.ledgers:
-        led = read_ledgers(args.ledgers)
-        per_stage = (led.groupby("stage").agg(lines=("image_id", "size"), images=("image_id", "nunique"))
-                     .reset_index() if len(led) else pd.DataFrame(columns=["stage", "lines", "images"]))
-        write_csv(out / "ledger_counts.csv", per_stage)
-        md += ["", f"Error ledgers ({len(args.ledgers)} files):", ""]
-        md += _md_table(["stage", "lines", "images"], [[str(x) for x in r] for r in per_stage.itertuples(index=False)])
-        result["ledger_counts"] = per_stage.to_dict("records")
-    write_text_atomic(out / "errors.md", "\n".join(md) + "\n")
-    result["errors"] = err.to_dict("records")
+    _write_breakdowns(frames, conv, args, out, result)
+    _write_errors(frames, variants, args, out, result)
     if not args.no_figures:
-        from .plots import pr_figure, roc_figure  # noqa: PLC0415
-
-        fig_dir = args.figures or out / "figures"
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        sets = distinct_score_sets(frames)
-        roc_figure(sets, fig_dir / "roc.png")
-        pr_figure(sets, fig_dir / "pr.png")
-        figures = ["roc.png", "pr.png"]
-        if args.panels > 0:
-            if not args.manifest:
-                raise UserError("--panels needs --manifest (and --lfdl-masks, --mitl-masks, --fused-masks)")
-            fv = args.fused_variant
-            if fv not in frames:
-                raise UserError(f"--fused-variant {fv}: no such variant in the counts ({', '.join(variants)})")
-            if not make_panels(frames, fv, args.manifest, args.lfdl_masks, args.mitl_masks, args.fused_masks,
-                               args.panels, args.seed, conv.threshold, fig_dir / "panels.png"):
-                # Still write the figure the workflow expects, saying why it is empty.
-                from .plots import message_figure  # noqa: PLC0415
-
-                message_figure(f"No manipulated image with a valid {fv} prediction to show.", fig_dir / "panels.png")
-            figures.append("panels.png")
-        result["figures"] = [str(fig_dir / f) for f in figures]
-    write_text_atomic(out / "tables.json", json.dumps(_clean(result), indent=2, default=_json_default) + "\n")
+        _write_figures(frames, variants, conv, args, out, result)
+    write_text_atomic(out / "tables.json", json.dumps(json_ready(result), indent=2, default=json_default) + "\n")
     print(ablation_md.split("\n\nCounts")[0])
     return 0

@@ -134,7 +134,7 @@ def val_images(manifests, lfdl_dirs, mitl_dirs):
     """``(labels, scores, images, n_left_out)``: the val rows with a score and both masks of their size; images is
     a generator of ``(lfdl_u8, mitl_u8, gt)`` over the fakes (read one at a time)."""
     from .evaluate import manifest_items, read_scores
-    from .fusion import read_gt, read_u8
+    from .imageio import read_mask, read_prob_u8
     from .imageio import BadImageError
 
     if not (len(manifests) == len(lfdl_dirs) == len(mitl_dirs)):
@@ -157,7 +157,7 @@ def val_images(manifests, lfdl_dirs, mitl_dirs):
     def images():
         for it, (pl, pm) in fakes:
             try:
-                gt, a, b = read_gt(it.gt_path), read_u8(pl), read_u8(pm)
+                gt, a, b = read_mask(it.gt_path), read_prob_u8(pl), read_prob_u8(pm)
             except BadImageError as e:
                 log.warning("left out of the mask threshold: %s", e)
                 n_bad[0] += 1

@@ -9,6 +9,7 @@ import pandas as pd
 
 from morphfuse.config import config_json, resolve_path, validate_config
 from morphfuse.errors import UserError
+from morphfuse.faces.backends import weight_dir as face_weight_dir
 from morphfuse.hashing import stage_code
 from morphfuse.sources import folders_fingerprint
 from morphfuse.stages.manifest import forge_shard_count
@@ -121,7 +122,7 @@ def forge_files(wildcards):
     block = config["forge"][wildcards.method]
     return local_files(
         block.get("model_dir"),
-        config["faces"]["face_alignment"]["torch_home"] if config["faces"]["backend"] == "face_alignment" else None,
+        face_weight_dir(config["faces"]),
     )
 
 

@@ -1,12 +1,9 @@
 # fused masks -> per-shard per-image counts -> ablation tables, ROC/PR, qualitative panels
-from morphfuse.evaluate import detection_scores_of
+from morphfuse.evaluate import convention_arguments, detection_scores_of
 from morphfuse.tables import panel_variant
 
 EV = config["evaluate"]
-CONVENTION = (
-    f"--averaging {EV['averaging']} --images {EV['images']} --iou {EV['iou']} --empty {EV['empty']}"
-    f" --threshold {EV['threshold']}"
-)
+CONVENTION = convention_arguments(EV)
 
 
 PANEL_VARIANT = panel_variant(config["fusion"]["variants"])

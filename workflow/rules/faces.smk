@@ -4,9 +4,7 @@
 rule faces:
     input:
         shard=R("manifest/shards/{shard}.parquet"),
-        weights=local_files(
-            config["faces"]["face_alignment"]["torch_home"] if config["faces"]["backend"] == "face_alignment" else None
-        ),
+        weights=local_files(face_weight_dir(config["faces"])),
     output:
         faces=R("faces/{shard}.parquet"),
         ledger=R("ledger/faces/{shard}.csv"),

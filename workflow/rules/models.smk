@@ -1,4 +1,5 @@
 # features -> train_lfdl / train_mitl [GPU] -> predict per evaluated shard (scores + full-size probability masks)
+from morphfuse.models import NOT_READ_BY_TRAINING
 from morphfuse.training.resources import train_mem_mb_from_config
 
 
@@ -13,13 +14,9 @@ def _launcher(model):
     return "morphfuse"  # the shell function (common.smk)
 
 
-# Keys of a model block that do not reach training: the paper's settings (a reference) and the CPU threads.
-NOT_TRAINING = ("paper", "threads")
-
-
 def _training_keys(model):
     """What training reads: the model's block (network options, recipe, gpus) and the top-level seed."""
-    return ["seed"] + [f"{model}.{k}" for k in sorted(config[model]) if k not in NOT_TRAINING]
+    return ["seed"] + [f"{model}.{k}" for k in sorted(config[model]) if k not in NOT_READ_BY_TRAINING]
 
 
 def _weights(model):

@@ -389,6 +389,12 @@ def backend_options(name: str) -> list[str]:
     return [p for p in inspect.signature(_FACTORIES[name].__init__).parameters if p != "self"]
 
 
+def weight_dir(faces: Mapping) -> str | None:
+    """The local folder of weights the configured backend reads (face_alignment's ``torch_home``), or None: a rule
+    input of every stage that detects faces, so that replacing the weights reruns them."""
+    return faces["face_alignment"]["torch_home"] if faces["backend"] == "face_alignment" else None
+
+
 def options_from_config(faces: Mapping) -> tuple[str, dict]:
     """``(backend name, options)`` of a config's ``faces:`` block: top-level keys (``upsample``, ``min_score``,
     ``gray``) go to the backends that take them; a block named after the backend (``face_alignment:``) adds its

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..inputs import read_parquet_arg
 from ..imageio import BadImageError, atomic_path, read_image
 from ..ledger import Ledger
 from .backends import BACKENDS, FA_DETECTORS, backend_from_config, get_backend
@@ -63,15 +64,7 @@ def read_faces(path) -> pd.DataFrame:
 
 def read_manifest(path, required=MANIFEST_COLUMNS) -> pd.DataFrame:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"manifest shard {p} does not exist")
-    try:
-        df = pd.read_parquet(p)
-    except Exception as e:
-        raise UserError(f"manifest shard {p} is not a readable parquet file ({e})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(f"manifest shard {p} lacks the column(s) {', '.join(missing)} (see docs/ARCHITECTURE.md)")
+    df = read_parquet_arg(p, "--manifest", required)
     dup = df["image_id"][df["image_id"].duplicated()]
     if len(dup):
         raise UserError(f"manifest shard {p} repeats image_id {dup.iloc[0]!r} ({len(dup)} duplicates): "

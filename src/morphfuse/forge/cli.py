@@ -92,6 +92,81 @@ def _abs_path(row: Mapping) -> Path:
     return Path(str(row["root"])) / str(row["path"])
 
 
+def _donor_pool(index: pd.DataFrame, faces_of) -> DonorPool:
+    """The donors of a generator that pastes other people's faces: read and detected on first use."""
+    def load(row):
+        try:
+            rgb = read_image(_abs_path(row))
+        except BadImageError as e:
+            return f"unreadable: {e.reason}"
+        try:
+            return rgb, faces_of.detect(str(row["image_id"]), rgb)
+        except Exception as e:  # noqa: BLE001 - a detector failure is a property of this input
+            return f"face detection failed: {type(e).__name__}: {e}"
+    return DonorPool(index, load)
+
+
+def _usable_target(tid: str, src: str, faces_of, ledger: Ledger, min_face_size: float, needs_landmarks: bool):
+    """``(rgb, faces)`` of a real image to forge, or None after a ledger line saying why it cannot be used."""
+    try:
+        rgb = read_image(src)
+    except BadImageError as e:
+        ledger.add(tid, src, f"unreadable: {e.reason}")
+        return None
+    try:
+        faces = faces_of.detect(tid, rgb)
+    except Exception as e:  # noqa: BLE001
+        ledger.add(tid, src, f"face detection failed: {type(e).__name__}: {e}")
+        return None
+    reason = check_faces(faces, min_face_size, need_landmarks=needs_landmarks)
+    if reason:
+        ledger.add(tid, src, reason)
+        return None
+    return rgb, faces
+
+
+def _write_forgery(out: Path, target, tid: str, k: int, fid: str, rgb: np.ndarray, res: ForgeResult) -> list[dict]:
+    """Write one forgery's image and mask (and its companion real, if any); return their manifest rows."""
+    out_rows: list[dict] = []
+    h, w = rgb.shape[:2]
+    write_png(out / "images" / f"{fid}.png", res.fake_rgb)
+    write_png(out / "masks" / f"{fid}.png", res.mask.astype(np.uint8) * 255)
+    companion = res.extra.get("companion_real")
+    if companion is not None:  # a real to add beside the fake (SBI's transformed target)
+        cmethod = COMPANION_METHOD.get(res.method, f"{res.method}_real")
+        cid = forge_image_id(cmethod, tid, k)
+        write_png(out / "images" / f"{cid}.png", companion)
+        out_rows.append({"image_id": cid, "root": str(out), "path": f"images/{cid}.png", "label": 0,
+                         "mask_path": "", "source": "forge", "method": cmethod,
+                         "group": str(target["group"]), "source_groups": str(target["group"]),
+                         "source_ids": tid, "split": str(target["split"]), "width": int(w), "height": int(h),
+                         "fingerprint": hashlib.sha256(companion.tobytes()).hexdigest()[:16]})
+    out_rows.append({"image_id": fid, "root": str(out), "path": f"images/{fid}.png", "label": 1,
+                     "mask_path": f"masks/{fid}.png", "source": "forge", "method": res.method,
+                     "group": str(target["group"]), "source_groups": "|".join(res.source_groups),
+                     "source_ids": "|".join(res.source_ids), "split": str(target["split"]),
+                     "width": int(w), "height": int(h),
+                     # the generated content itself: identical reruns leave the manifest unchanged
+                     "fingerprint": hashlib.sha256(res.fake_rgb.tobytes() + res.mask.tobytes()).hexdigest()[:16]})
+    return out_rows
+
+
+def _with_progress(targets: pd.DataFrame, desc: str):
+    """``targets.iterrows()`` with a bar on stderr (live on a terminal, every 30 s in a log file)."""
+    from tqdm import tqdm
+
+    return tqdm(targets.iterrows(), total=len(targets), desc=desc, unit="img", file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+def _write_shard(out: Path, rows: list[dict], ledger: Ledger, ledger_path) -> pd.DataFrame:
+    """rows.parquet (the shard's manifest rows) and its ledger."""
+    df = pd.DataFrame(rows, columns=ROW_COLUMNS).astype({"label": "int64", "width": "int64", "height": "int64"})
+    write_parquet(out / "rows.parquet", df)
+    ledger.write(Path(ledger_path) if ledger_path else out / "ledger.csv")
+    return df
+
+
 def forge_shard(
     index: pd.DataFrame,
     method: str,
@@ -129,44 +204,19 @@ def forge_shard(
     targets = shard_rows(index, shard, shard_size)
     needs_landmarks = getattr(gen, "needs_landmarks", True)
 
-    pool = None
-    if getattr(gen, "needs_donors", False):
-        def load(row):
-            try:
-                rgb = read_image(_abs_path(row))
-            except BadImageError as e:
-                return f"unreadable: {e.reason}"
-            try:
-                return rgb, faces_of.detect(str(row["image_id"]), rgb)
-            except Exception as e:  # noqa: BLE001 - a detector failure is a property of this input
-                return f"face detection failed: {type(e).__name__}: {e}"
-        pool = DonorPool(index, load)
+    pool = _donor_pool(index, faces_of) if getattr(gen, "needs_donors", False) else None
 
     rows: list[dict] = []
     n_errors = n_attempts = 0
     last_error: BaseException | None = None
-    it = targets.iterrows()
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, total=len(targets), desc=f"forge {method} shard {shard}", unit="img", file=sys.stderr,
-                  mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    it = _with_progress(targets, f"forge {method} shard {shard}") if progress else targets.iterrows()
     t0 = time.perf_counter()
     for _, target in it:
         tid, src = str(target["image_id"]), _abs_path(target)
-        try:
-            rgb = read_image(src)
-        except BadImageError as e:
-            ledger.add(tid, src, f"unreadable: {e.reason}")
+        usable = _usable_target(tid, src, faces_of, ledger, min_face_size, needs_landmarks)
+        if usable is None:
             continue
-        try:
-            faces = faces_of.detect(tid, rgb)
-        except Exception as e:  # noqa: BLE001
-            ledger.add(tid, src, f"face detection failed: {type(e).__name__}: {e}")
-            continue
-        reason = check_faces(faces, min_face_size, need_landmarks=needs_landmarks)
-        if reason:
-            ledger.add(tid, src, reason)
-            continue
+        rgb, faces = usable
         for k in range(per_real):
             fid = forge_image_id(method, tid, k)
             rng = rng_for(seed, method, tid, k)
@@ -186,34 +236,13 @@ def forge_shard(
             if not res.mask.any():
                 ledger.add(fid, src, f"{method} produced an empty mask")
                 continue
-            h, w = rgb.shape[:2]
-            write_png(out / "images" / f"{fid}.png", res.fake_rgb)
-            write_png(out / "masks" / f"{fid}.png", res.mask.astype(np.uint8) * 255)
-            companion = res.extra.get("companion_real")
-            if companion is not None:  # a real to add beside the fake (SBI's transformed target)
-                cmethod = COMPANION_METHOD.get(res.method, f"{res.method}_real")
-                cid = forge_image_id(cmethod, tid, k)
-                write_png(out / "images" / f"{cid}.png", companion)
-                rows.append({"image_id": cid, "root": str(out), "path": f"images/{cid}.png", "label": 0,
-                             "mask_path": "", "source": "forge", "method": cmethod,
-                             "group": str(target["group"]), "source_groups": str(target["group"]),
-                             "source_ids": tid, "split": str(target["split"]), "width": int(w), "height": int(h),
-                             "fingerprint": hashlib.sha256(companion.tobytes()).hexdigest()[:16]})
-            rows.append({"image_id": fid, "root": str(out), "path": f"images/{fid}.png", "label": 1,
-                         "mask_path": f"masks/{fid}.png", "source": "forge", "method": res.method,
-                         "group": str(target["group"]), "source_groups": "|".join(res.source_groups),
-                         "source_ids": "|".join(res.source_ids), "split": str(target["split"]),
-                         "width": int(w), "height": int(h),
-                         # the generated content itself: identical reruns leave the manifest unchanged
-                         "fingerprint": hashlib.sha256(res.fake_rgb.tobytes() + res.mask.tobytes()).hexdigest()[:16]})
+            rows += _write_forgery(out, target, tid, k, fid, rgb, res)
     if pool is not None:
         for image_id, path, reason in pool.failures:
             ledger.add(image_id, path, f"unusable as a donor: {reason}")
     if n_errors and n_errors == n_attempts:
         raise last_error  # every forgery of the shard raised: a bug, not bad inputs
-    df = pd.DataFrame(rows, columns=ROW_COLUMNS).astype({"label": "int64", "width": "int64", "height": "int64"})
-    write_parquet(out / "rows.parquet", df)
-    ledger.write(Path(ledger_path) if ledger_path else out / "ledger.csv")
+    df = _write_shard(out, rows, ledger, ledger_path)
     log.info("forge %s shard %d: %d forgeries (+ %d companion reals) from %d reals, %d ledger lines, %.1f s", method,
              shard, int((df["label"] == 1).sum()), int((df["label"] == 0).sum()), len(targets), len(ledger),
              time.perf_counter() - t0)
@@ -274,6 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=None, help="index parquet, to show the source images")
     p.add_argument("--max-rows", type=int, default=6, help="forgeries shown, one per row (default 6)")
     p.add_argument("--tile", type=int, default=256, help="tile height in px")
+    p.add_argument("--config", default=None, help="the run's config.yaml: its sources' attributions are drawn on the "
+                   "sheet (without it the sheet says that none is declared)")
 
 
 # Generators whose donors are pasted at the target's face size: the authors' minimum source-face size does not
@@ -300,7 +331,10 @@ def run(args: argparse.Namespace) -> int:
         cols = ["image_id", "label", "root", "path", "mask_path", "method", "source_ids"]
         rows = pd.concat([read_parquet_arg(p, "--rows", cols) for p in args.rows], ignore_index=True)
         index = read_parquet_arg(args.index, "--index", ["image_id", "root", "path"]) if args.index else None
-        contact_sheet(rows, args.out, index=index, max_rows=args.max_rows, tile=args.tile)
+        from ..config import load_stage_config
+
+        cfg = load_stage_config(args.config) if args.config else None
+        contact_sheet(rows, args.out, index=index, max_rows=args.max_rows, tile=args.tile, cfg=cfg)
         return 0
 
     from ..config import defaults, load_stage_config

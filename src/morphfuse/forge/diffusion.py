@@ -368,7 +368,7 @@ def _face_landmarks(faces) -> tuple[np.ndarray | None, str | None]:
     return np.asarray(face.landmarks, dtype=np.float64)[:68], None
 
 
-def _to_uint8(img) -> np.ndarray:
+def _float01_to_uint8(img) -> np.ndarray:
     """A float image in [0, 1] (numpy H×W×3) → uint8, rounded."""
     return np.clip(np.rint(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
@@ -442,7 +442,7 @@ class SDInpaintGenerator:
                 kwargs["negative_prompt_embeds"] = self.encode_prompt("")
         with torch.no_grad():
             out = self.pipe(**kwargs).images[0]
-        gen_rgb = _resize_rgb(_to_uint8(out), (h, w))
+        gen_rgb = _resize_rgb(_float01_to_uint8(out), (h, w))
         if opts["paste_back"]:
             fake = _paste_back(rgb, gen_rgb, mask)
             out_mask = mask
@@ -497,7 +497,7 @@ class DiffusionInversionGenerator:
         vae = self.pipe.vae
         img = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
         img = (img.float().clamp(-1, 1) + 1) / 2
-        return _to_uint8(img[0].permute(1, 2, 0).cpu().numpy())
+        return _float01_to_uint8(img[0].permute(1, 2, 0).cpu().numpy())
 
     def _make_eps(self, alphas_cumprod, cond_extra):
         """ε(x, t, emb, uncond, g) with classifier-free guidance, converted to an epsilon prediction."""

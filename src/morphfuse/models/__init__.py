@@ -1,4 +1,5 @@
-"""The two networks behind one builder: ``build_model(name, size, options)``.
+"""The networks of the registry behind one builder: ``build_model(name, size, options)``; each one's training and
+prediction recipe: ``recipe(name)`` (models/recipes.py).
 
 Model modules are imported lazily, so importing ``morphfuse.models`` costs nothing and a missing optional dependency
 of one model (transformers for MITL) does not affect the other.
@@ -9,15 +10,14 @@ import importlib
 from typing import Any
 
 from ..errors import UserError
+from .recipes import NOT_READ_BY_TRAINING, RECIPES, WORKFLOW_KEYS, Recipe, recipe
 
-# name → (module, class); each class follows the protocol of docs/CONTRACTS.md: Class(size, **options)
+# name → (module, class) of each network of the registry (its recipe: models/recipes.py); each class follows the
+# protocol of docs/CONTRACTS.md: Class(size, **options)
 MODELS: dict[str, tuple[str, str]] = {
     "lfdl": ("morphfuse.models.lfdl", "LFDL"),
     "mitl": ("morphfuse.models.mitl", "MITL"),
 }
-# keys of a config model block that belong to the workflow, not to the network
-# Keys of a model's config block that configure the workflow, not the network (the one list of them).
-NON_MODEL_KEYS = frozenset({"size", "train", "gpus", "threads", "paper"})
 
 
 def model_module(name: str):
@@ -32,8 +32,9 @@ def build_model(name: str, size: int, options: dict[str, Any] | None = None):
     ``paper`` are dropped; the ``size`` argument wins). Returns an ``nn.Module`` with forward / loss / predict_proba.
     """
     cls = getattr(model_module(name), MODELS[name][1])
-    opts = {k: v for k, v in (options or {}).items() if k not in NON_MODEL_KEYS}
+    opts = {k: v for k, v in (options or {}).items() if k not in WORKFLOW_KEYS}
     return cls(int(size), **opts)
 
 
-__all__ = ["MODELS", "NON_MODEL_KEYS", "build_model", "model_module"]
+__all__ = ["MODELS", "NOT_READ_BY_TRAINING", "RECIPES", "WORKFLOW_KEYS", "Recipe", "build_model", "model_module",
+           "recipe"]

@@ -63,7 +63,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..normalize import lfdl_input
 from ..srm import srm_residuals
-from . import NON_MODEL_KEYS
+from .recipes import WORKFLOW_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ CLS_CHANNELS = (64, 128, 256, 728, 728)  # y0, y1, y2, y3, y5
 EXIT_CHANNELS = 2048
 MPFF_CHANNELS = 512
 MIDDLE = (range(4, 8), range(8, 12))  # blocks 4–7, blocks 8–11
-WORKFLOW_KEYS = NON_MODEL_KEYS  # keys of the config's lfdl block that are not model options
 MASK_HEADS = ("pixel", "patch")
 
 

@@ -48,13 +48,11 @@ from transformers import SegformerConfig, SegformerModel
 
 from morphfuse.dct import LOW_BANDS, dct_bands
 from morphfuse.errors import UserError
-from morphfuse.models import NON_MODEL_KEYS
+from morphfuse.models.recipes import WORKFLOW_KEYS
 from morphfuse.normalize import mitl_input
 
 SIZE_MULTIPLE = 32
 SCORE_RULES = ("max", "top_percent")
-# Keys of the config's ``mitl:`` block that configure other stages, not the network.
-_NOT_MODEL_OPTIONS = tuple(sorted(NON_MODEL_KEYS - {"size"}))
 
 # MiT-B3 (MITL.md): embed dims, heads, depths, spatial-reduction ratios, MLP ratio 4, overlapping patch embeddings.
 MIT_B3 = dict(
@@ -348,10 +346,10 @@ class MITL(nn.Module):
     def __init__(self, size: int = 512, low_band: str = "l_shape", pretrained: dict | None = None,
                  score: dict | None = None, drop_path: float = 0.1, **options: Any):
         super().__init__()
-        unknown = sorted(set(options) - set(_NOT_MODEL_OPTIONS))
+        unknown = sorted(set(options) - (WORKFLOW_KEYS - {"size"}))
         if unknown:
             raise UserError(f"mitl: unknown option(s) {unknown}; expected size, low_band, pretrained, score, "
-                            f"drop_path (or {', '.join(_NOT_MODEL_OPTIONS)}, which the model ignores)")
+                            f"drop_path (or {', '.join(sorted(WORKFLOW_KEYS - {'size'}))}, which the model ignores)")
         if size % SIZE_MULTIPLE or size <= 0:
             raise UserError(f"mitl.size must be a positive multiple of {SIZE_MULTIPLE}, got {size}")
         if low_band not in LOW_BANDS:

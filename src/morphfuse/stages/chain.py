@@ -35,7 +35,7 @@ def run_chained(name: str, module, argv: list) -> int:
     return rc
 
 
-def config_slice(cfg, keys) -> str:
+def stage_config_json(cfg, keys) -> str:
     """The inline JSON config of the given keys, as a rule's ``config_slice`` passes it."""
     from ..config import config_json
 

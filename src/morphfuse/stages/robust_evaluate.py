@@ -15,7 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from .. import evaluate, fusion
+from .. import evaluate
+from . import fuse
 from .chain import EVALUATE_KEYS as KEYS, chained_run, run_chained as _stage
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def _robust_evaluate(args: argparse.Namespace) -> int:
     fused, counts, ledgers = Path(args.fused), Path(args.counts), Path(args.ledgers)
     for v in fu["variants"]:  # the main DAG's layout: fuse/{variant}/{shard}/masks, evaluate/{variant}/{shard}.parquet
         masks = fused / v / shard / "masks"
-        _stage("fuse", fusion, ["--lfdl-masks", pred["lfdl"] / "masks", "--mitl-masks", pred["mitl"] / "masks",
+        _stage("fuse", fuse, ["--lfdl-masks", pred["lfdl"] / "masks", "--mitl-masks", pred["mitl"] / "masks",
                                 "--out", masks, "--variant", v, "--kernel", fu["kernel"], *threshold,
                                 "--ledger", ledgers / f"fuse_{v}_{shard}.csv", "--allow-errors", "--overwrite"])
         scores = pred[evaluate.detection_scores_of(v)] / "scores.csv"

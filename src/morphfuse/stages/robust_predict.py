@@ -27,7 +27,7 @@ from .. import features, predict
 from ..faces import cli as faces_cli, crops
 from ..ledger import Ledger, read_ledgers
 from . import perturb as perturb_stage
-from .chain import PREDICT_KEYS as KEYS, chained_run, config_slice, run_chained as _stage
+from .chain import PREDICT_KEYS as KEYS, chained_run, run_chained as _stage, stage_config_json
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ def _robust_predict(args: argparse.Namespace) -> int:
     _stage("perturb", perturb_stage, ["--manifest", args.manifest, "--perturb", args.perturb, "--seed", cfg["seed"],
                                       "--images", work / "images", "--out", shard, "--ledger", led / "perturb.csv"])
     _stage("faces", faces_cli, ["--manifest", shard, "--out", work / "faces.parquet", "--no-progress",
-                                "--config", config_slice(cfg, ["faces"]), "--ledger", led / "faces.csv"])
+                                "--config", stage_config_json(cfg, ["faces"]), "--ledger", led / "faces.csv"])
     _stage("crops", crops, ["--manifest", shard, "--faces", work / "faces.parquet", "--out", work / "crops.parquet",
-                            "--config", config_slice(cfg, ["crops"]), "--faces-ledger", led / "faces.csv",
+                            "--config", stage_config_json(cfg, ["crops"]), "--faces-ledger", led / "faces.csv",
                             "--ledger", led / "crops.csv"])
     _stage("features", features, ["--manifest", shard, "--crops", work / "crops.parquet", "--out-lfdl",
                                   work / "lfdl.npz", "--lfdl-size", cfg["lfdl"]["size"], *mode,

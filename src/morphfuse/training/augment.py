@@ -32,7 +32,7 @@ _BORDER = cv2.BORDER_CONSTANT  # the LFDL release pads with zeros (image and mas
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def binarize_mask(mask: np.ndarray) -> np.ndarray:
+def binarize_train_mask(mask: np.ndarray) -> np.ndarray:
     """0/255 uint8 from any mask: ``> 127.5`` is manipulated."""
     if mask.dtype == np.uint8:  # cv2's threshold: the same 0/255 (> 127 for integers), 10x faster than np.where
         return cv2.threshold(np.ascontiguousarray(mask), 127, 255, cv2.THRESH_BINARY)[1]
@@ -110,7 +110,7 @@ def warp_affine(img: np.ndarray, mask: np.ndarray, box, matrix: np.ndarray):
     h, w = img.shape[:2]
     img = cv2.warpAffine(img, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=_BORDER, borderValue=0)
     mask = cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=_BORDER, borderValue=0)
-    return img, binarize_mask(mask), transform_box_affine(box, matrix, w, h)
+    return img, binarize_train_mask(mask), transform_box_affine(box, matrix, w, h)
 
 
 def crop_resize_matrix(x0: float, y0: float, cw: float, ch: float, w: int, h: int) -> np.ndarray:
@@ -162,7 +162,7 @@ def rescale(img, mask, box, factor: float):
     mask = cv2.resize(
         cv2.resize(mask, (sw, sh), interpolation=cv2.INTER_LINEAR), (w, h), interpolation=cv2.INTER_LINEAR
     )
-    return img, binarize_mask(mask), box
+    return img, binarize_train_mask(mask), box
 
 
 # ---------------------------------------------------------------------------------------------- pixel ops
@@ -171,7 +171,7 @@ def to_gray(img: np.ndarray) -> np.ndarray:
     return np.repeat(g[..., None], 3, axis=2)
 
 
-def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_opencv(img: np.ndarray, quality: int) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # pragma: no cover - cv2 always encodes uint8 RGB
         return img
@@ -311,7 +311,7 @@ def augment_lfdl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, bo
     if rng.random() < 0.1:
         img = to_gray(img)
     if rng.random() < 0.3:
-        img = jpeg(img, int(rng.integers(60, 101)))
+        img = jpeg_opencv(img, int(rng.integers(60, 101)))
     if rng.random() < 0.05:
         img = gaussian_blur(img, 3)
     if rng.random() < 0.1:
@@ -324,7 +324,7 @@ def augment_lfdl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, bo
             img = fancy_pca(img, rng, 0.1)
         else:
             img = hue_saturation_value(img, rng.uniform(-20, 20), rng.uniform(-30, 30), rng.uniform(-20, 20))
-    return img, binarize_mask(mask), box
+    return img, binarize_train_mask(mask), box
 
 
 def augment_mitl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, box=None):
@@ -337,12 +337,12 @@ def augment_mitl(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, bo
         img, mask, box = flip(img, mask, box, 0)
     img = brightness_contrast(img, rng.uniform(-0.1, 0.1), rng.uniform(-0.1, 0.1))
     if rng.random() < 0.2:
-        img = jpeg(img, int(rng.integers(70, 101)))
+        img = jpeg_opencv(img, int(rng.integers(70, 101)))
     if rng.random() < 0.5:
         img, mask, box = rot90(img, mask, box, int(rng.integers(1, 4)))
     if rng.random() < 0.2:
         img = gaussian_blur(img, int(rng.choice([3, 5, 7])))
-    return img, binarize_mask(mask), box
+    return img, binarize_train_mask(mask), box
 
 
 RECIPES = {"lfdl": augment_lfdl, "mitl": augment_mitl}

@@ -20,12 +20,13 @@ import os
 import yaml
 
 from ..errors import UserError
+from ..models.recipes import RECIPES
 
 log = logging.getLogger("morphfuse.train")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", choices=["lfdl", "mitl"], help="which network to train")
+    p.add_argument("model", choices=list(RECIPES), help="which network to train")
     p.add_argument("--config", required=True,
                    help="config.yaml (its lfdl:/mitl: block and .train recipe; validated, defaults filled), or the "
                         "inline JSON slice the workflow's rule passes")
@@ -40,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. lfdl.train.epochs=1 (or train.epochs=1: relative to the "
                         "model's block); repeatable")
-    p.add_argument("--model-factory", default=None, metavar="MODULE:CALLABLE",
-                   help="build the network with this callable (name, size, options) instead of "
-                        "morphfuse.models.build_model (tests, experiments)")
+    # A test hook (build the network with MODULE:CALLABLE(name, size, options) instead of
+    # morphfuse.models.build_model), kept out of the user's --help.
+    p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -70,7 +71,7 @@ def parse_overrides(items: list[str], model_name: str, top_level_keys) -> dict:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
         parts = key.split(".")
-        if parts[0] not in top_level_keys and parts[0] not in ("lfdl", "mitl"):
+        if parts[0] not in top_level_keys and parts[0] not in RECIPES:
             parts = [model_name] + parts
         node = out
         for p in parts[:-1]:

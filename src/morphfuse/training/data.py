@@ -33,13 +33,13 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import UserError
+from ..models.recipes import recipe
 from ..shards import NpzRows, ShardPool
 from .augment import augment as augment_sample
 
 log = logging.getLogger("morphfuse.train")
 
 REQUIRED = ("image_id", "rgb", "mask", "label", "split")
-PRECOMPUTED = {"lfdl": ("srm",), "mitl": ("dct_high", "dct_low")}
 # Per-row arrays we carry (everything else in a shard is ignored by training).
 PER_ROW = ("image_id", "face_idx", "rgb", "mask", "has_mask", "label", "ref_box", "split", "orig_hw", "crop_box")
 BALANCE = ("none", "resample_real")
@@ -84,7 +84,7 @@ def read_feature_shard(path: str | os.PathLike, model_name: str, size: int | Non
     if missing:
         raise UserError(f"{path}: feature shard lacks {', '.join(missing)} (is it a {model_name} shard?)")
     n = len(arrays["image_id"])
-    for k in PER_ROW + PRECOMPUTED[model_name]:
+    for k in PER_ROW + recipe(model_name).precomputed:
         if k in arrays and arrays[k].ndim and len(arrays[k]) != n:
             raise UserError(f"{path}: '{k}' has {len(arrays[k])} rows but 'image_id' has {n}")
     rgb = arrays["rgb"]
@@ -105,7 +105,7 @@ def check_shard(shard: NpzRows, model_name: str, size: int | None = None) -> int
     if missing:
         raise UserError(f"{path}: feature shard lacks {', '.join(missing)} (is it a {model_name} shard?)")
     n = len(m["image_id"])
-    for k in PER_ROW + PRECOMPUTED[model_name]:
+    for k in PER_ROW + recipe(model_name).precomputed:
         if k in m and m[k].shape and len(m[k]) != n:
             raise UserError(f"{path}: '{k}' has {len(m[k])} rows but 'image_id' has {n}")
     rgb = m["rgb"]
@@ -149,7 +149,7 @@ class SplitRows:
         self.label, self.has_mask = cat(label, np.int8), cat(has_mask, bool)
         self.starts = np.asarray(starts, np.int64)
         used = [sh for sh, a, b in zip(pool.shards, starts[:-1], starts[1:]) if b > a]
-        optional = ("ref_box",) + (PRECOMPUTED[model_name] if precomputed else ())
+        optional = ("ref_box",) + (recipe(model_name).precomputed if precomputed else ())
         self.keys = tuple(k for k in optional if used and all(k in sh for sh in used))
 
     def __len__(self) -> int:
@@ -198,7 +198,7 @@ class FeatureDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.n = len(rows)
-        self.pre_keys = () if augment else tuple(k for k in PRECOMPUTED[model_name] if k in rows.keys)
+        self.pre_keys = () if augment else tuple(k for k in recipe(model_name).precomputed if k in rows.keys)
 
     def __len__(self) -> int:
         return self.n
@@ -222,7 +222,7 @@ class FeatureDataset(Dataset):
             "has_mask": torch.tensor(bool(r.has_mask[i])),
             "row": torch.tensor(i, dtype=torch.int64),
         }
-        if self.model_name == "lfdl":
+        if "ref_box" in recipe(self.model_name).sample_keys:
             item["ref_box"] = (
                 torch.from_numpy(box.astype(np.float32)) if box is not None else torch.full((4,), float("nan"))
             )

@@ -53,14 +53,13 @@ from torch.utils.data import DataLoader, default_collate
 from ..errors import UserError
 from ..imageio import write_csv
 from .. import metrics
-from ..models import NON_MODEL_KEYS
+from ..models import RECIPES, WORKFLOW_KEYS, recipe
 from . import checkpoint as ckpt
 from .data import (BALANCE, EpochSamples, FeatureDataset, SplitRows, batches_of, epoch_order, eval_batches,
                    feature_paths, finish_batch, open_shards)
 
 log = logging.getLogger("morphfuse.train")
 
-MODELS = ("lfdl", "mitl")
 # Signals that ask for a checkpoint and a clean stop at the next optimizer step (SLURM sends SIGTERM before a
 # time-limit kill, and SIGUSR1 when a job asks for it with --signal).
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -68,9 +67,6 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 class TrainingInterrupted(UserError):
     """A stop signal arrived; a checkpoint was written and the run can be resumed."""
-# Keys of a model block that are not network options (everything else is passed to the model builder; the same
-# set as morphfuse.models.NON_MODEL_KEYS).
-NON_OPTIONS = tuple(sorted(NON_MODEL_KEYS))
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -166,7 +162,7 @@ def model_options(model_name: str, cfg: dict) -> tuple[int, dict]:
     size = block.get("size")
     if not isinstance(size, int) or size < 16:
         raise UserError(f"{model_name}.size = {size!r}: must be an integer ≥ 16")
-    return size, ckpt.primitive({k: v for k, v in block.items() if k not in NON_OPTIONS})
+    return size, ckpt.primitive({k: v for k, v in block.items() if k not in WORKFLOW_KEYS})
 
 
 def config_digest(model_name: str, cfg: dict, settings: Settings) -> str:
@@ -191,15 +187,13 @@ def improves(metric: str, value: float | None, best: float | None) -> bool:
 # Settings that do not change the weights up to a checkpoint's step: a resume may differ in them.
 FREE_SETTINGS = frozenset({"num_workers", "checkpoint_every", "tensorboard", "device", "deterministic",
                            "find_unused_parameters", "max_steps"})
-# The schedule of these models does not depend on the number of epochs (StepLR): more epochs continue a run.
-EPOCHS_FREE = frozenset({"lfdl"})
 
 
 def trajectory(model_name: str, size: int, options: dict, s: Settings, data_fp: str, code: str) -> dict:
     """What defines a training run's weights at every step: the network, the recipe, the data and the code.
     A checkpoint is resumed only when its trajectory equals the current run's."""
     train = {k: v for k, v in dataclasses.asdict(s).items() if k not in FREE_SETTINGS}
-    if model_name in EPOCHS_FREE:
+    if recipe(model_name).schedule == "step":  # StepLR: the number of epochs does not shape it; more continue a run
         train.pop("epochs")
     return ckpt.primitive({"model": model_name, "size": int(size), "options": options, "train": train,
                            "data": data_fp, "code": code})
@@ -293,14 +287,14 @@ def build_optimizer(model_name: str, model: torch.nn.Module, s: Settings, device
     if not groups:
         raise UserError(f"the {model_name} network has no trainable parameters")
     fused = {"fused": True} if device.type == "cuda" else {}
-    if model_name == "lfdl":
-        return torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), **fused)
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), **fused)
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[recipe(model_name).optimizer]
+    return optimizer(groups, lr=s.lr, betas=(0.9, 0.999), **fused)
 
 
 def lr_factor_fn(model_name: str, s: Settings, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate multiplier before optimizer step ``k`` (0-based): a pure function of the step."""
-    if model_name == "lfdl":
+    """Learning-rate multiplier before optimizer step ``k`` (0-based): a pure function of the step, by the model's
+    recipe (``step`` or ``warmup_cosine``)."""
+    if recipe(model_name).schedule == "step":
         period = s.step_size * steps_per_epoch
 
         def step_lr(k: int) -> float:
@@ -321,8 +315,9 @@ def lr_factor_fn(model_name: str, s: Settings, steps_per_epoch: int, total_steps
 
 
 # ------------------------------------------------------------------------------------------- small pieces
-def roc_auc(scores, labels) -> float:
-    """Validation AUC by :func:`morphfuse.metrics.roc_auc` (ties counted half); NaN without both classes."""
+def val_auc(labels, scores) -> float:
+    """Validation AUC by :func:`morphfuse.metrics.roc_auc` (same argument order; ties counted half) as a float:
+    NaN without both classes (the training log's and the best checkpoint's number)."""
     auc, _reason = metrics.roc_auc(np.asarray(labels) > 0.5, np.asarray(scores, dtype=np.float64))
     return float("nan") if auc is None else float(auc)
 
@@ -332,7 +327,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-PRECOMPUTED_KEYS = ("srm", "dct_high", "dct_low")
+PRECOMPUTED_KEYS = tuple(k for r in RECIPES.values() for k in r.precomputed)  # not mixed: recomputed per image
 
 
 def mixup(batch: dict, p: float, rng: np.random.Generator):
@@ -441,8 +436,8 @@ def train(model_name: str, cfg: dict, features, out_dir, resume: str = "auto", m
     Run under torchrun for several processes. Returns what was done; rank 0 has written OUT/model.pt,
     OUT/metrics.csv, OUT/checkpoints/last.pt and OUT/tb/.
     """
-    if model_name not in MODELS:
-        raise UserError(f"unknown model {model_name!r}: expected one of {', '.join(MODELS)}")
+    if model_name not in RECIPES:
+        raise UserError(f"unknown model {model_name!r}: expected one of {', '.join(RECIPES)}")
     if resume not in ("auto", "never"):
         raise UserError(f"--resume {resume!r}: expected auto or never")
     if max_steps is not None and max_steps < 1:
@@ -502,6 +497,7 @@ class _Run:
     def __init__(self, model_name, cfg, s: Settings, size, options, paths, factory, out: Path, resume, max_steps,
                  ctx: DistContext, progress: bool, memory_format: torch.memory_format | None = None):
         self.name, self.cfg, self.s, self.size, self.options = model_name, cfg, s, size, options
+        self.recipe = recipe(model_name)
         self.paths, self.factory, self.out, self.resume, self.max_steps = paths, factory, out, resume, max_steps
         self.ctx, self.progress, self.memory_format = ctx, progress, memory_format
         self.step, self.epoch, self.mb_done = 0, 0, 0  # _resume() sets them from a checkpoint
@@ -510,6 +506,21 @@ class _Run:
         self.best_path = out / "model_best.pt"
         self.best: dict | None = None  # {"metric", "value", "epoch", "step", "file"} of the best epoch so far
         self.config_hash = config_digest(model_name, cfg, s)
+        # Filled by the setup steps that _run() calls in order: _data(), _model(), _resume().
+        self.n_train = self.n_batches = self.steps_per_epoch = self.total_steps = 0
+        self.train_ds: FeatureDataset | None = None
+        self.val_ds: FeatureDataset | None = None
+        self.epochs: EpochSamples | None = None
+        self.order: np.ndarray | None = None
+        self.order_epoch: int | None = None
+        self.data_fp = ""
+        self.raw: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.trajectory: dict | None = None
+        self.metrics: MetricsLog | None = None
+        self.resumed = False
+        self.stop_signal: int | None = None  # set by the signal handler of run()
 
     # ----------------------------------------------------------------------------------------- setup
     def _data(self) -> None:
@@ -734,7 +745,7 @@ class _Run:
         keys = sorted({k for g in gathered for k in g[2]})
         for k in keys:
             res[f"val_{k}"] = sum(g[2].get(k, 0.0) for g in gathered) / max(1, tot)
-        res["val_auc"] = roc_auc([x for g in gathered for x in g[3]], [x for g in gathered for x in g[4]])
+        res["val_auc"] = val_auc([x for g in gathered for x in g[4]], [x for g in gathered for x in g[3]])
         return res
 
     # ------------------------------------------------------------------------------------ one training step
@@ -776,7 +787,7 @@ class _Run:
             sync = contextlib.nullcontext() if (j == group - 1 or not ctx.initialized) else model.no_sync()
             with sync:
                 with self.autocast():
-                    if self.name == "lfdl" and s.mixup > 0:
+                    if self.recipe.mixup and s.mixup > 0:
                         rng = np.random.default_rng([s.seed, 0x6D6978, self.epoch, mb_index, ctx.rank])
                         a, b, lam = mixup(batch, s.mixup, rng)
                     else:
