@@ -6,7 +6,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from morphfuse.forge.contact_sheet import ATTRIBUTION, contact_sheet
+from conftest import REPO
+
+from morphfuse.attribution import attribution_text
+from morphfuse.config import load_config
+from morphfuse.forge.contact_sheet import contact_sheet
 from morphfuse.forge.importer import import_generated
 from morphfuse.ledger import Ledger
 
@@ -82,12 +86,14 @@ def test_import_cli_and_sheet(gen_root, tmp_path):
     assert list(rows["image_id"]) == ["facedancer__a"]
     assert pd.read_csv(tmp_path / "ledger.csv").empty
     sheet = tmp_path / "sheet.png"
-    assert main(["forge", "sheet", "--rows", str(out), "--out", str(sheet), "--tile", "64"]) == 0
+    assert main(["forge", "sheet", "--rows", str(out), "--out", str(sheet), "--tile", "64",
+                 "--config", str(REPO / "config.yaml")]) == 0
     img = np.asarray(Image.open(sheet))
     assert img.ndim == 3 and img.shape[0] > 64 and img.shape[1] >= 900
     # the attribution is drawn into the image: a block of dark text pixels below the tiles
     assert (img[64 + 28:, :, :].min(axis=2) < 100).sum() > 500
-    assert "10.6084/m9.figshare.5047666.v5" in ATTRIBUTION and "CC BY 4.0" in ATTRIBUTION
+    credit = attribution_text(load_config(REPO / "config.yaml"), ["facedancer"])  # declared per source
+    assert "10.6084/m9.figshare.5047666.v5" in credit and "CC BY 4.0" in credit and "(facedancer)" in credit
     with pytest.raises(SystemExit):
         main(["forge", "sheet", "--out", str(sheet)])                   # --rows is required
 

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .attribution import attribution_html  # noqa: E402
 from .config import load_stage_config  # noqa: E402
 from .forge.contact_sheet import contact_sheet  # noqa: E402
 from .imageio import atomic_path, write_csv, write_text_atomic  # noqa: E402
@@ -26,12 +27,6 @@ from .ledger import read_ledgers  # noqa: E402
 from .provenance import write_provenance  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-ATTRIBUTION_HTML = """<p>Real photographs: DeBruine, L., &amp; Jones, B. (2017). <i>Face Research Lab London Set</i>
-(Version 5). figshare. <a href="https://doi.org/10.6084/m9.figshare.5047666.v5">doi:10.6084/m9.figshare.5047666.v5</a>,
-licensed <a href="https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a>; the <code>lisa</code> and
-<code>zoom</code> series are CC0. Changes: downscaled to 512 px (Lanczos), re-encoded as JPEG, and altered by the
-forgery generators of this workflow (SBI, random combination), as the subjects consented to.</p>"""
 
 METRIC_COLS = [("auc", "AUC"), ("f1", "F1"), ("iou", "IoU"), ("final", "Final")]
 
@@ -123,9 +118,9 @@ def _diffs_rows(d: pd.DataFrame) -> str:
             "</table>")
 
 
-def ablation_html(table_csv: Path, out: Path) -> Path:
+def ablation_html(table_csv: Path, out: Path, credit_html: str = "") -> Path:
     """The ablation table; beside it (when the tables stage wrote them) the same table with images=all and the
-    paired bootstrap differences."""
+    paired bootstrap differences; ``credit_html``: the photos' attribution (:func:`attribution.attribution_html`)."""
     parts = [_ablation_rows(pd.read_csv(table_csv)),
              "<p>95 % bootstrap intervals over identities in brackets. Final = (AUC + F1 + IoU) / 3. baseline_face: "
              "the face crops as the mask, baseline_all: the whole image, both with score 0.5.</p>"]
@@ -139,7 +134,7 @@ def ablation_html(table_csv: Path, out: Path) -> Path:
             parts += ["<h3>Paired differences a − b</h3>", _diffs_rows(d),
                       "<p>95 % intervals from the same identity resamples for both variants; bold: the interval "
                       "excludes 0 (an ordering).</p>"]
-    write_text_atomic(out, f"<html><body>{''.join(parts)}{ATTRIBUTION_HTML}</body></html>")
+    write_text_atomic(out, f"<html><body>{''.join(parts)}{credit_html}</body></html>")
     return out
 
 
@@ -185,15 +180,18 @@ def run(args) -> int:
     cfg = load_stage_config(args.config)
     out.mkdir(parents=True, exist_ok=True)
     training_curves({m: run_dir / "models" / m for m in ("lfdl", "mitl")}, out / "training_curves.png")
-    ablation_html(run_dir / "tables" / "ablation.csv", out / "ablation.html")
+    credit = attribution_html(cfg, cfg["forge"]["methods"])
+    ablation_html(run_dir / "tables" / "ablation.csv", out / "ablation.html", credit)
     counts = ledger_counts(run_dir)
     write_csv(out / "ledger_counts.csv", counts)
     errors_html(counts, out / "errors.html")
     manifest = pd.read_parquet(run_dir / "manifest" / "manifest.parquet")
     for method in cfg["forge"]["methods"]:
         rows = manifest[(manifest["method"] == method) & (manifest["label"] == 1)]
-        contact_sheet(rows, out / f"contact_sheet_{method}.png", index=manifest, max_rows=args.sheet_rows)
-    write_text_atomic(out / "attribution.html", f"<html><body>{ATTRIBUTION_HTML}</body></html>")
+        contact_sheet(rows, out / f"contact_sheet_{method}.png", index=manifest, max_rows=args.sheet_rows,
+                      cfg=cfg)
+    write_text_atomic(out / "attribution.html", "<html><body>" + (credit or "<p>No source of this run declares "
+                      "an attribution (<code>sources[].attribution</code> in the config).</p>") + "</body></html>")
     start = (run_dir / "index" / "index.parquet").stat().st_mtime
     write_provenance(run_dir / "provenance.json", cfg, started=start, ended=time.time())
     text_html("Config", Path(args.config).read_text(), out / "config.html",

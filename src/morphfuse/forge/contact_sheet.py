@@ -1,8 +1,9 @@
 """Contact sheets of forgeries: one row per forgery, ``fake | mask overlay | source`` (+ ``donor`` when the
 forgery mixes people), with the photos' licence attribution drawn into the image.
 
-The London Set photos are CC BY 4.0: any image that shows them or forgeries made from them must carry the
-attribution below (data/faces/README.md); it is part of the PNG, not a caption beside it.
+The attribution is the one the config declares per source (``sources[].attribution``, :mod:`morphfuse.attribution`;
+the demo's London Set photos are CC BY 4.0, data/faces/README.md): it is part of the PNG, not a caption beside it.
+Without a config, or when no source declares one, the sheet says so instead.
 """
 from __future__ import annotations
 
@@ -13,33 +14,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from ..attribution import attribution_text
+from ..overlay import load_font, tint
 from ..imageio import BadImageError, read_image, read_mask, write_png
 
-ATTRIBUTION = (
-    "Photos: DeBruine, L., & Jones, B. (2017). Face Research Lab London Set (Version 5). figshare. "
-    "https://doi.org/10.6084/m9.figshare.5047666.v5 - licensed CC BY 4.0 "
-    "(https://creativecommons.org/licenses/by/4.0/). Changes: downscaled (Lanczos), re-encoded, and altered into "
-    "forgeries ({methods}; morphfuse or the named generator). lisa/zoom photos: CC0."
-)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        return ImageFont.load_default()
-
-
-def overlay(rgb: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.45) -> np.ndarray:
-    """Tint the masked pixels and draw the mask's outline (yellow)."""
-    out = rgb.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
-    out = out.astype(np.uint8)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, (255, 255, 0), max(1, rgb.shape[0] // 256))
-    return out
+NO_ATTRIBUTION = "Photo licences: no source of the config declares an attribution (sources[].attribution)."
 
 
 def _tile(rgb: np.ndarray | None, h: int, label: str, font) -> Image.Image:
@@ -74,17 +55,18 @@ def _read(root, rel):
 
 
 def contact_sheet(rows: pd.DataFrame, out: str | os.PathLike, index: pd.DataFrame | None = None,
-                  max_rows: int = 6, tile: int = 256) -> Path:
+                  max_rows: int = 6, tile: int = 256, cfg: dict | None = None) -> Path:
     """Write a contact sheet PNG of the first ``max_rows`` forgeries (by image_id) and return its path.
 
-    ``index`` (manifest columns) is used to find the source images named in ``source_ids``.
+    ``index`` (manifest columns) is used to find the source images named in ``source_ids``; ``cfg`` (the run's
+    config) gives the sources' attributions drawn at the bottom.
     """
     rows = rows[rows["label"].astype(int) == 1].sort_values("image_id", kind="stable").head(max_rows)
     by_id = {}
     if index is not None:
         by_id = {str(r.image_id): r for r in index.itertuples(index=False)}
     has_donor = rows["source_ids"].astype(str).str.contains("|", regex=False).any()
-    font, small = _font(12), _font(11)
+    font, small = load_font(12), load_font(11)
     lines = []
     for r in rows.itertuples(index=False):
         fake = _read(r.root, r.path)
@@ -95,7 +77,7 @@ def contact_sheet(rows: pd.DataFrame, out: str | os.PathLike, index: pd.DataFram
         ids = [s for s in str(r.source_ids).split("|") if s]
         src = by_id.get(ids[0]) if ids else None
         tiles = [_tile(fake, tile, f"fake: {r.image_id}", font),
-                 _tile(overlay(fake, mask) if mask is not None and mask.shape == fake.shape[:2] else None, tile,
+                 _tile(tint(fake, mask) if mask is not None and mask.shape == fake.shape[:2] else None, tile,
                        f"mask ({mask.mean():.1%} of image)" if mask is not None else "mask: unreadable", font),
                  _tile(_read(src.root, src.path) if src is not None else None, tile,
                        f"source: {ids[0]}" if ids else "source: ?", font)]
@@ -107,7 +89,8 @@ def contact_sheet(rows: pd.DataFrame, out: str | os.PathLike, index: pd.DataFram
         lines.append(tiles)
     methods = ", ".join(sorted(rows["method"].astype(str).unique())) or "none"
     width = max([sum(t.width for t in ts) + 4 * (len(ts) + 1) for ts in lines] + [900])
-    wrap = textwrap.wrap(ATTRIBUTION.format(methods=methods), width=max(60, width // 7))
+    credit = attribution_text(cfg, rows["method"].astype(str).unique()) if cfg is not None else None
+    wrap = textwrap.wrap(credit or NO_ATTRIBUTION, width=max(60, width // 7))
     head_h, foot_h = 24, 14 * len(wrap) + 10
     height = head_h + sum(tile + 4 for _ in lines) + foot_h
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
