@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from morphfuse.cli import COMMANDS, build_parser, main, plain, stage_parser
 
+TEST_HOOKS = {"--model-factory"}  # options for the tests only: hidden from --help (and nothing else is)
 MARKUP = re.compile(r"``|:(?:func|class|mod|meth|attr|data|obj|exc|ref|doc):`")
 
 
@@ -35,6 +36,8 @@ def test_every_option_of_every_stage_has_plain_help():
         for a in p._actions:
             if isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
                 continue
+            if a.help == argparse.SUPPRESS and set(a.option_strings) <= TEST_HOOKS:
+                continue  # kept out of the user's --help on purpose
             if not (a.help or "").strip() or a.help == argparse.SUPPRESS:
                 missing.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
         text = p.format_help()
@@ -82,3 +85,11 @@ def test_verbose_and_quiet_together_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["config", "--config", str(cfg), "-q", "-v"])
     assert e.value.code == 2
+
+
+def test_the_model_factory_test_hook_is_not_in_the_users_help(capsys):
+    for argv in (["train", "--help"], ["predict", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        assert "--model-factory" not in capsys.readouterr().out
