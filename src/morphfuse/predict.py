@@ -296,7 +296,7 @@ def predict_shard(model_name: str, model: torch.nn.Module, features: str | os.Pa
     done = {i for i in todo_ids if i in scores.scores and (out / "masks" / f"{i}.png").exists()}
     pending = [i for i in todo_ids if i not in done]
     model = model.to(device).eval()
-    if callable(getattr(model, "fuse_for_inference", None)):
+    if model_recipe.fold_for_inference and callable(getattr(model, "fuse_for_inference", None)):
         model.fuse_for_inference()  # AMW block: 3 convs run as 1 (fewer FLOPs; same up to float rounding)
     bar = None
     if progress:

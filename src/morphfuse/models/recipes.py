@@ -22,7 +22,8 @@ class Recipe:
     ``train.mixup`` applies. ``sample_keys``: training-sample keys beyond rgb, mask, label, has_mask and row.
     ``prediction``: ``faces`` (face scores averaged by the release's rule, the crops' maps pasted back into the
     image) or ``image`` (one full-image map, scored by ``mitl.score``). ``required_features``: feature members
-    prediction needs beyond image_id and rgb.
+    prediction needs beyond image_id and rgb. ``fold_for_inference``: prediction calls the network's
+    ``fuse_for_inference()`` after ``eval()`` (MITL folds its AMW block's three convolutions into one).
     """
 
     name: str
@@ -33,6 +34,7 @@ class Recipe:
     sample_keys: tuple[str, ...]
     prediction: str
     required_features: tuple[str, ...] = ()
+    fold_for_inference: bool = False
 
 
 # Keys of a model's config block that configure the workflow, not the network (the one list of them): everything
@@ -48,7 +50,7 @@ RECIPES: dict[str, Recipe] = {
                    mixup=True, sample_keys=("ref_box",), prediction="faces", required_features=("crop_box",)),
     # MITL (MITL.md; Mesorch's release): whole image, AdamW + warm-up cosine, no mixup.
     "mitl": Recipe(name="mitl", precomputed=("dct_high", "dct_low"), optimizer="adamw",
-                   schedule="warmup_cosine", mixup=False, sample_keys=(), prediction="image"),
+                   schedule="warmup_cosine", mixup=False, sample_keys=(), prediction="image", fold_for_inference=True),
 }
 
 
