@@ -271,6 +271,29 @@ def test_checkpoint_of_another_model_or_size_is_refused(tmp_path):
         run_train(cfg, [big], tmp_path / "x")
 
 
+def test_a_malformed_shard_is_refused_from_its_headers_naming_file_and_fault(tmp_path):
+    """open_shards checks every shard from its .npy headers before any pixel is read or any step is taken."""
+    from morphfuse.training.data import check_shard, open_shards
+
+    good = write_shard(tmp_path / "good.npz", 4, 2)
+    assert [check_shard(sh, "lfdl", S) for sh in open_shards([good], "lfdl", S).shards] == [6]
+    cases = {
+        "lacks label": dict(label=None),
+        "'mask' has 5 rows but 'image_id' has 6": dict(mask=np.zeros((5, S, S), np.uint8)),
+        "'rgb' must be N×S×S×3 uint8": dict(rgb=np.zeros((6, S, S, 3), np.float32)),
+        "'mask' is (6, 16, 16), expected (6, 32, 32)": dict(mask=np.zeros((6, 16, 16), np.uint8)),
+    }
+    for message, change in cases.items():
+        bad = write_shard(tmp_path / "bad.npz", 4, 2, extra={k: v for k, v in change.items() if v is not None})
+        if "label" in change:  # rewrite without the member
+            with np.load(bad) as z:
+                arrays = {k: z[k] for k in z.files if k != "label"}
+            np.savez(bad, **arrays)
+        with pytest.raises(UserError) as e:
+            open_shards([good, bad], "lfdl", S)
+        assert str(bad) in str(e.value) and message in str(e.value), (message, str(e.value))
+
+
 def test_mitl_schedule_and_cli(tmp_path, monkeypatch):
     """MITL through the CLI (--set relative to the model block), AdamW groups and the warm-up/cosine schedule."""
     from morphfuse.cli import main

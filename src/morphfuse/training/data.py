@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -65,41 +63,10 @@ def feature_paths(items) -> list[Path]:
     return out
 
 
-def read_feature_shard(path: str | os.PathLike, model_name: str, size: int | None = None) -> dict[str, np.ndarray]:
-    """Read and check one feature shard (npz, no pickles). Errors name the file and the problem."""
-    path = Path(path)
-    try:
-        from ..features import load_feature_shard
-    except ImportError:  # pragma: no cover - features.py is part of the package
-        load_feature_shard = None
-    if load_feature_shard is not None:
-        arrays = load_feature_shard(path)
-    else:  # pragma: no cover
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files if k != "meta"}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f"{path}: not a readable feature shard ({type(e).__name__}: {e})") from None
-    missing = [k for k in REQUIRED if k not in arrays]
-    if missing:
-        raise UserError(f"{path}: feature shard lacks {', '.join(missing)} (is it a {model_name} shard?)")
-    n = len(arrays["image_id"])
-    for k in PER_ROW + recipe(model_name).precomputed:
-        if k in arrays and arrays[k].ndim and len(arrays[k]) != n:
-            raise UserError(f"{path}: '{k}' has {len(arrays[k])} rows but 'image_id' has {n}")
-    rgb = arrays["rgb"]
-    if n and (rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8):
-        raise UserError(f"{path}: 'rgb' must be N×S×S×3 uint8, got {rgb.shape} {rgb.dtype}")
-    if n and size is not None and rgb.shape[1:3] != (size, size):
-        raise UserError(f"{path}: images are {rgb.shape[2]}x{rgb.shape[1]} but the {model_name} model is configured "
-                        f"for size {size}; rerun `morphfuse features` or fix {model_name}.size")
-    if n and arrays["mask"].shape != rgb.shape[:3]:
-        raise UserError(f"{path}: 'mask' is {arrays['mask'].shape}, expected {rgb.shape[:3]}")
-    return arrays
-
-
 def check_shard(shard: NpzRows, model_name: str, size: int | None = None) -> int:
-    """:func:`read_feature_shard`'s checks from the headers alone (no pixel is read). Returns the row count."""
+    """Check one feature shard from its ``.npy`` headers alone (no pixel is read): the required members, one row
+    count for every per-row member, uint8 N×S×S×3 pixels at the model's size and masks to match. Errors name the
+    file and the problem. Returns the row count."""
     path, m = shard.path, shard.members
     missing = [k for k in REQUIRED if k not in m]
     if missing:
