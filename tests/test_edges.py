@@ -75,8 +75,38 @@ def test_folders_fingerprint_walks_each_folder_once(tmp_path):
     os.symlink("..", root / "a" / "up2")
     fp = folders_fingerprint([root])
     assert fp == folders_fingerprint([root])
-    (root / "a" / "b" / "new.jpg").write_bytes(b"x")  # a new file changes its folder's mtime
+    (root / "a" / "b" / "new.jpg").write_bytes(b"x")  # a new image re-indexes
     assert folders_fingerprint([root]) != fp
+
+
+def test_folders_fingerprint_follows_names_not_modification_times(tmp_path):
+    """A copy of the same tree (new mtimes) re-indexes nothing; an added, removed or renamed image does."""
+    from morphfuse.sources import folders_fingerprint
+
+    root = tmp_path / "photos"
+    for rel in ("a/1.jpg", "a/2.jpg", "b/c/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    fp = folders_fingerprint([root])
+    copy = tmp_path / "restored"
+    shutil.copytree(root, copy, copy_function=shutil.copyfile)
+    for d in (copy, copy / "a", copy / "b", copy / "b" / "c"):
+        os.utime(d, (1e9, 1e9))  # a fresh copy: every folder's mtime differs from the original's
+    assert os.stat(copy / "a").st_mtime_ns != os.stat(root / "a").st_mtime_ns
+    assert folders_fingerprint([copy]) == fp
+    (root / "a" / ".DS_Store").write_bytes(b"x")  # hidden files are not images the index would read
+    os.utime(root / "b", (2e9, 2e9))
+    assert folders_fingerprint([root]) == fp
+    changes = [lambda: (root / "a" / "2.jpg").rename(root / "a" / "22.jpg"),
+               lambda: (root / "b" / "c" / "3.png").unlink(),
+               lambda: (root / "b" / "new.jpg").write_bytes(b"y"),
+               lambda: (root / "b").rename(root / "bb")]
+    seen = {fp}
+    for change in changes:
+        change()
+        seen.add(folders_fingerprint([root]))
+    assert len(seen) == len(changes) + 1
+    assert folders_fingerprint([tmp_path / "gone"]) != folders_fingerprint([tmp_path / "gone2"])
 
 
 # ----------------------------------------------------------------------------------- row 2: 0/1 masks

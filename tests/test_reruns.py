@@ -124,3 +124,31 @@ def test_a_dry_run_with_another_config_changes_nothing_on_disk(e2e, tmp_path):
     snakemake(e2e.work, "-n", config=other)
     snakemake(e2e.work, "-n")
     assert snapshot() == before
+
+
+def test_a_data_folder_copied_anew_reruns_nothing_and_a_new_image_reindexes(e2e, tmp_path):
+    """The source folders as a restored backup or a fresh ``cp -r`` leaves them: same names, every folder and file
+    with a new modification time. The workflow runs (for real) and does nothing; a new image re-indexes.
+
+    The copy's config points at the original run's source folders, so their times are changed in place and put
+    back exactly afterwards."""
+    copy = e2e.copy(tmp_path / "work")
+    sources = [Path(s["root"]) for s in e2e.cfg["sources"] if Path(s["root"]).is_relative_to(e2e.work)]
+    assert sources
+    paths = [p for root in sources for p in (root, *root.rglob("*"))]
+    times = {p: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in paths}
+    try:
+        for p in paths:
+            os.utime(p)  # now: newer than every output of the run
+        r = snakemake(copy.work)
+        assert "Nothing to be done" in r.stdout + r.stderr, r.stderr[-3000:]
+        new = sources[0] / "another.png"
+        shutil.copy(next(p for p in paths if p.suffix == ".png"), new)
+        try:
+            assert "index" in planned_jobs(copy.work)
+        finally:
+            new.unlink()
+    finally:
+        for p, (atime, mtime) in times.items():
+            os.utime(p, ns=(atime, mtime))
+    assert planned_jobs(copy.work) == {}

@@ -268,26 +268,44 @@ def index_generators(src: dict, ledger: Ledger, limits: dict | None = None) -> l
 
 
 def folders_fingerprint(roots) -> str:
-    """A hash of every folder's path and modification time below the source roots (folders only: cheap even for
-    millions of files). Adding, removing or renaming an image changes its folder's mtime, so the workflow passes
-    this to the index rule as a param and re-indexes then; an image edited in place keeps its folder's mtime (rerun
-    with ``snakemake -R index``)."""
+    """A hash of the names below the source roots: every folder's path relative to its root and the names in it
+    (hidden files left out), nothing else. The workflow passes it to the index rule as a param, so adding, removing
+    or renaming an image re-indexes, while a copy of the same tree (a restored backup, ``cp -r``, a data volume
+    mounted anew: new modification times, same names) reruns nothing. An image edited in place under the same name
+    is not seen: rerun with ``snakemake -R index``. Cheap for millions of files: one ``scandir`` per folder, no
+    file is opened or stat'ed. Links are followed, each folder once (a loop is walked once)."""
     import hashlib
 
     h = hashlib.sha256()
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            h.update(f"missing:{root}".encode())
+    for root in map(os.fspath, roots):
+        if not os.path.isdir(root):
+            h.update(f"missing:{root};".encode())
             continue
-        # Links are followed, each folder once (a loop is walked once, not until the path is too long).
-        for d in walk_tree(root, files=False, hidden_dirs=True).dirs:
+        seen: set[tuple[int, int]] = set()
+        stack = [root]
+        while stack:
+            d = stack.pop()
             try:
-                mtime = os.stat(d).st_mtime_ns
+                st = os.stat(d)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                with os.scandir(d) as it:
+                    entries = sorted((e.name, _is_dir(e)) for e in it)
             except OSError:
-                mtime = -1
-            h.update(f"{os.path.relpath(d, root)}:{mtime};".encode())
+                h.update(f"{os.path.relpath(d, root)}:unreadable;".encode())
+                continue
+            names = [n + "/" if is_dir else n for n, is_dir in entries if is_dir or not n.startswith(".")]
+            h.update(f"{os.path.relpath(d, root)}:{chr(0).join(names)};".encode())
+            stack.extend(os.path.join(d, n) for n, is_dir in reversed(entries) if is_dir)
     return h.hexdigest()[:16]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that cannot be followed is listed as a name
+        return False
 
 
 INDEXERS = {"folder": index_folder, "ddl": index_ddl, "generators": index_generators}
