@@ -11,7 +11,6 @@ change, from ``git archive``), so both are measured on the same machine in one r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -28,33 +27,17 @@ PHOTO = REPO.parent / "shared" / "data" / "faces" / "london_512" / "neutral_fron
 
 
 def make_bundle(work: Path, size: int) -> Path:
-    import torch
-
     from morphfuse.cli import main
-    from morphfuse.config import load_config
-    from morphfuse.models import build_model
-    from morphfuse.training import checkpoint as ckpt
-    from morphfuse.training import engine
+    from random_models import write_random_models
 
     out = work / "bundle"
     if (out / "bundle.json").is_file():
         return out
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["lfdl"]["size"] = cfg["mitl"]["size"] = size
-    cfg["features"]["lfdl_size"] = cfg["features"]["mitl_size"] = size
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cfg = load_config(cfg_path)
-    for name in ("lfdl", "mitl"):
-        settings = engine.Settings.from_config(name, cfg)
-        sz, options = engine.model_options(name, cfg)
-        torch.manual_seed(0)
-        model = build_model(name, sz, dict(options))
-        rec = ckpt.model_record(name, sz, options, engine.config_digest(name, cfg, settings),
-                                ckpt.cpu_state_dict(model), train=ckpt.primitive(dataclasses.asdict(settings)),
-                                step=1, epoch=1, finished=True)
-        (work / name).mkdir(exist_ok=True)
-        ckpt.save_atomic(rec, work / name / "model.pt")
+    write_random_models(cfg_path, work)
     assert main(["export", "--lfdl", str(work / "lfdl" / "model.pt"), "--mitl", str(work / "mitl" / "model.pt"),
                  "--config", str(cfg_path), "--out", str(out), "--no-check"]) == 0
     return out

@@ -43,30 +43,13 @@ finally:
 
 def make_models(work: Path) -> Path:
     """The two model files at the demo config's model sizes (random weights) and the config."""
-    import dataclasses
-
-    import torch
-
-    from morphfuse.config import load_config
-    from morphfuse.models import build_model
-    from morphfuse.training import checkpoint as ckpt
-    from morphfuse.training import engine
+    from random_models import write_random_models
 
     cfg_path = work / "config.yaml"
     if (work / "mitl" / "model.pt").is_file():
         return cfg_path
     shutil.copy(REPO / "config.yaml", cfg_path)
-    cfg = load_config(cfg_path)
-    for name in ("lfdl", "mitl"):
-        settings = engine.Settings.from_config(name, cfg)
-        sz, options = engine.model_options(name, cfg)
-        torch.manual_seed(0)
-        model = build_model(name, sz, dict(options))
-        rec = ckpt.model_record(name, sz, options, engine.config_digest(name, cfg, settings),
-                                ckpt.cpu_state_dict(model), train=ckpt.primitive(dataclasses.asdict(settings)),
-                                step=1, epoch=1, finished=True)
-        (work / name).mkdir(exist_ok=True)
-        ckpt.save_atomic(rec, work / name / "model.pt")
+    write_random_models(cfg_path, work)
     return cfg_path
 
 
