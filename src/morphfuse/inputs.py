@@ -73,11 +73,7 @@ def read_parquet_arg(path: str | os.PathLike, flag: str, columns: list[str] | tu
         df = pd.read_parquet(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - any parser failure means the file is not a usable table
         raise UserError(f"{label}: not a readable Parquet table ({' '.join(str(e).split())[:160]})") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise UserError(f"{label}: lacks the column(s) {', '.join(missing)} (found: "
-                        f"{', '.join(map(str, df.columns))[:200]})")
-    return df
+    return _with_columns(df, columns, label)
 
 
 def read_csv_arg(path: str | os.PathLike, flag: str, columns: list[str] | tuple = (), **kwargs):
@@ -92,9 +88,15 @@ def read_csv_arg(path: str | os.PathLike, flag: str, columns: list[str] | tuple 
         df = pd.read_csv(io.StringIO(text), **kwargs)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{label}: not a readable CSV ({' '.join(str(e).split())[:160]})") from None
+    return _with_columns(df, columns, label, expected=True)
+
+
+def _with_columns(df, columns, label: str, expected: bool = False):
+    """``df`` if it has every one of ``columns``, else a UserError naming the missing ones and those found."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise UserError(f"{label}: lacks the column(s) {', '.join(missing)}; expected {', '.join(columns)} (found: "
+        also = f"; expected {', '.join(columns)}" if expected else ""
+        raise UserError(f"{label}: lacks the column(s) {', '.join(missing)}{also} (found: "
                         f"{', '.join(map(str, df.columns))[:200]})")
     return df
 
