@@ -15,6 +15,8 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SegformerConfig, SegformerModel
 
+from mit_layouts import nvlabs_mit_keys
+
 from morphfuse.dct import dct_bands
 from morphfuse.errors import UserError
 from morphfuse.models.mitl import (
@@ -385,34 +387,6 @@ def test_convnext_checkpoint_widens_the_stem(tmp_path):
         load_convnext_checkpoint(six, tmp_path / "partial.pth")
 
 
-def _nvlabs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SegformerModel keys -> NVlabs MiT keys (mit_b3.pth), written out independently of the model's converter."""
-    out = {"head.weight": torch.zeros(1000, 32), "head.bias": torch.zeros(1000)}
-    for key, v in state.items():
-        s, rest = key.split(".", 2)[1:]
-        s = int(s) + 1
-        if rest.startswith("patch_embeddings."):
-            out[f"patch_embed{s}." + rest.split(".", 1)[1].replace("layer_norm", "norm")] = v
-        elif rest.startswith("layer_norm."):
-            out[f"norm{s}." + rest.split(".", 1)[1]] = v
-        else:
-            b, rest = rest.split(".", 2)[1:]
-            if rest.startswith("attention.k_proj."):
-                end = rest.rsplit(".", 1)[1]
-                kv = torch.cat([v, state[key.replace("k_proj", "v_proj")]])
-                out[f"block{s}.{b}.attn.kv.{end}"] = kv
-                continue
-            if rest.startswith("attention.v_proj."):
-                continue
-            for ours, theirs in [("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-                                 ("attention.q_proj", "attn.q"), ("attention.o_proj", "attn.proj"),
-                                 ("attention.sequence_reduction.sequence_reduction", "attn.sr"),
-                                 ("attention.sequence_reduction.layer_norm", "attn.norm")]:
-                rest = rest.replace(ours, theirs)
-            out[f"block{s}.{b}.{rest}"] = v
-    return out
-
-
 @pytest.mark.parametrize("layout", ["transformers_dir", "nvlabs_file", "segformer_file"])
 def test_segformer_checkpoint_widens_the_stem(tmp_path, layout):
     tiny = dict(hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 2], depths=[1, 2, 1, 1],
@@ -424,7 +398,7 @@ def test_segformer_checkpoint_widens_the_stem(tmp_path, layout):
         path = tmp_path / "mit"
     else:
         path = tmp_path / "mit.pth"
-        torch.save(_nvlabs(src) if layout == "nvlabs_file" else src, path)
+        torch.save(nvlabs_mit_keys(src) if layout == "nvlabs_file" else src, path)
     six = SegformerModel(SegformerConfig(num_channels=6, **tiny))
     load_segformer_checkpoint(six, path)
     dst = six.state_dict()

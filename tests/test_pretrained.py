@@ -21,6 +21,8 @@ import yaml
 from safetensors.torch import save_file
 from transformers import SegformerConfig, SegformerModel
 
+from mit_layouts import nvlabs_mit_keys
+
 from morphfuse.errors import UserError
 from morphfuse.models.lfdl import LFDL
 from morphfuse.models.mitl import MITL, load_convnext_checkpoint, load_segformer_checkpoint
@@ -160,33 +162,6 @@ TINY_MIT = dict(hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 2], 
                 sr_ratios=[8, 4, 2, 1], decoder_hidden_size=16)
 
 
-def _nvlabs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SegformerModel keys → NVlabs' original MiT keys (mit_b3.pth), written out here independently."""
-    out = {"head.weight": torch.zeros(1000, 32), "head.bias": torch.zeros(1000)}
-    for key, v in state.items():
-        s, rest = key.split(".", 2)[1:]
-        s = int(s) + 1
-        if rest.startswith("patch_embeddings."):
-            out[f"patch_embed{s}." + rest.split(".", 1)[1].replace("layer_norm", "norm")] = v
-        elif rest.startswith("layer_norm."):
-            out[f"norm{s}." + rest.split(".", 1)[1]] = v
-        else:
-            b, rest = rest.split(".", 2)[1:]
-            if rest.startswith("attention.k_proj."):
-                out[f"block{s}.{b}.attn.kv.{rest.rsplit('.', 1)[1]}"] = torch.cat(
-                    [v, state[key.replace("k_proj", "v_proj")]])
-                continue
-            if rest.startswith("attention.v_proj."):
-                continue
-            for ours, theirs in [("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-                                 ("attention.q_proj", "attn.q"), ("attention.o_proj", "attn.proj"),
-                                 ("attention.sequence_reduction.sequence_reduction", "attn.sr"),
-                                 ("attention.sequence_reduction.layer_norm", "attn.norm")]:
-                rest = rest.replace(ours, theirs)
-            out[f"block{s}.{b}.{rest}"] = v
-    return out
-
-
 def _old_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SegformerModel keys → the names transformers used before 5.x (nvidia/mit-b3's pytorch_model.bin), with the
     image-classification model's ``segformer.`` prefix and classifier."""
@@ -222,8 +197,8 @@ def test_segformer_every_format_and_layout(tmp_path):
     rgb = SegformerModel(SegformerConfig(num_channels=3, **TINY_MIT))
     src = rgb.state_dict()
     rgb.save_pretrained(tmp_path / "mit_folder")  # transformers' save_pretrained
-    save_file({k: v.contiguous() for k, v in _nvlabs(src).items()}, str(tmp_path / "mit_b3.safetensors"))
-    torch.save(_nvlabs(src), tmp_path / "mit_b3.pth")  # the release's file layout
+    save_file({k: v.contiguous() for k, v in nvlabs_mit_keys(src).items()}, str(tmp_path / "mit_b3.safetensors"))
+    torch.save(nvlabs_mit_keys(src), tmp_path / "mit_b3.pth")  # the release's file layout
     torch.save(_old_transformers(src), tmp_path / "old_layout.bin")
     save_file({k: v.contiguous() for k, v in src.items()}, str(tmp_path / "segformer.safetensors"))
     hf_cache_repo(
@@ -242,7 +217,7 @@ def test_segformer_every_format_and_layout(tmp_path):
         dst = six.state_dict()
         _check_stem(dst[stem], src[stem])
         assert all(torch.equal(src[k], dst[k]) for k in src if k != stem), spec
-    partial = {k: v for k, v in _nvlabs(src).items() if not k.startswith("block4.")}
+    partial = {k: v for k, v in nvlabs_mit_keys(src).items() if not k.startswith("block4.")}
     torch.save(partial, tmp_path / "partial.pth")
     with pytest.raises(UserError, match=r"missing \[stages\.3\.blocks"):
         load_segformer_checkpoint(six, str(tmp_path / "partial.pth"))
